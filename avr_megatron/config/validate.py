@@ -1,0 +1,135 @@
+"""Cross-key rules checked when a recipe is loaded, before any work starts.
+
+Each rule returns a list of messages that name the offending keys; all failures are reported at
+once. Rules that depend on the machine (is Transformer Engine importable?) or on the world size
+live where those are known (model builder, runtime init).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from avr_megatron.config.errors import ConfigError
+from avr_megatron.config.schema import AvrConfig
+
+Rule = Callable[[AvrConfig], list[str]]
+RULES: list[Rule] = []
+
+
+def rule(fn: Rule) -> Rule:
+    RULES.append(fn)
+    return fn
+
+
+def _choice(value, key: str, allowed: tuple) -> list[str]:
+    return [] if value in allowed else [f"{key}={value!r} is not one of {list(allowed)}"]
+
+
+@rule
+def _model_shape(cfg: AvrConfig) -> list[str]:
+    m, errs = cfg.model, []
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "vocab_size", "max_position_embeddings",
+                "make_vocab_size_divisible_by"):
+        if getattr(m, key) < 1:
+            errs.append(f"model.{key}={getattr(m, key)} must be >= 1")
+    if errs:
+        return errs
+    if m.num_attention_heads % m.num_query_groups:
+        errs.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                    f"model.num_query_groups={m.num_query_groups}")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        errs.append(f"model.hidden_size={m.hidden_size} is not divisible by "
+                    f"model.num_attention_heads={m.num_attention_heads} (set model.kv_channels)")
+    head_dim = m.kv_channels or (m.hidden_size // m.num_attention_heads)
+    if head_dim % 2:
+        errs.append(f"model head dimension {head_dim} must be even for rotary embeddings "
+                    "(model.kv_channels or model.hidden_size / model.num_attention_heads)")
+    errs += _choice(m.transformer_impl, "model.transformer_impl",
+                    ("auto", "transformer_engine", "local"))
+    errs += _choice(m.rope_scaling.type, "model.rope_scaling.type", (None, "llama3"))
+    if m.rope_scaling.type == "llama3":
+        rs = m.rope_scaling
+        if rs.factor <= 0:
+            errs.append(f"model.rope_scaling.factor={rs.factor} must be > 0")
+        if not rs.high_freq_factor > rs.low_freq_factor > 0:
+            errs.append("model.rope_scaling needs high_freq_factor > low_freq_factor > 0, got "
+                        f"{rs.high_freq_factor} and {rs.low_freq_factor}")
+    errs += _choice(m.recompute_granularity, "model.recompute_granularity",
+                    (None, "full", "selective"))
+    if m.recompute_granularity == "full":
+        errs += _choice(m.recompute_method, "model.recompute_method", ("uniform", "block"))
+        if not m.recompute_num_layers or m.recompute_num_layers < 1:
+            errs.append("model.recompute_num_layers must be >= 1 with "
+                        "model.recompute_granularity=full")
+    elif m.recompute_method is not None:
+        errs.append(f"model.recompute_method={m.recompute_method!r} needs "
+                    "model.recompute_granularity=full")
+    return errs
+
+
+@rule
+def _parallel_layout(cfg: AvrConfig) -> list[str]:
+    p, m, errs = cfg.parallel, cfg.model, []
+    tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                  p.context_parallel_size)
+    for key, v in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                   ("context_parallel_size", cp)):
+        if v < 1:
+            errs.append(f"parallel.{key}={v} must be >= 1")
+    if errs:
+        return errs
+    tpk = f"parallel.tensor_model_parallel_size={tp}"
+    if m.num_attention_heads % tp:
+        errs.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by {tpk}")
+    if m.num_query_groups % tp:
+        errs.append(f"model.num_query_groups={m.num_query_groups} is not divisible by {tpk}")
+    if m.ffn_hidden_size % tp:
+        errs.append(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by {tpk}")
+    if m.make_vocab_size_divisible_by % tp:
+        errs.append(f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} is "
+                    f"not divisible by {tpk}")
+    if pp > m.num_layers:
+        errs.append(f"parallel.pipeline_model_parallel_size={pp} is larger than "
+                    f"model.num_layers={m.num_layers}")
+    vpp = p.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        if vpp < 2:
+            errs.append(f"parallel.virtual_pipeline_model_parallel_size={vpp} must be >= 2 "
+                        "(or null to disable interleaving)")
+        if pp < 2:
+            errs.append("parallel.virtual_pipeline_model_parallel_size needs "
+                        f"parallel.pipeline_model_parallel_size >= 2, got {pp}")
+    chunks = pp * (vpp or 1)
+    if not errs and m.num_layers % chunks:
+        errs.append(f"model.num_layers={m.num_layers} is not divisible by the number of pipeline "
+                    f"chunks {chunks} (parallel.pipeline_model_parallel_size={pp} x "
+                    f"parallel.virtual_pipeline_model_parallel_size={vpp or 1})")
+    if p.sequence_parallel and tp == 1:
+        errs.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+    return errs
+
+
+@rule
+def _precision(cfg: AvrConfig) -> list[str]:
+    pr, errs = cfg.precision, []
+    errs += _choice(pr.fp8, "precision.fp8", (None, "e4m3", "hybrid"))
+    errs += _choice(pr.fp8_recipe, "precision.fp8_recipe",
+                    ("delayed", "tensorwise", "blockwise", "mxfp8"))
+    errs += _choice(pr.fp8_amax_compute_algo, "precision.fp8_amax_compute_algo",
+                    ("max", "most_recent"))
+    if pr.fp8_amax_history_len < 1:
+        errs.append(f"precision.fp8_amax_history_len={pr.fp8_amax_history_len} must be >= 1")
+    if pr.fp8_param and pr.fp8 is None:
+        errs.append("precision.fp8_param=true needs precision.fp8 (e4m3 or hybrid)")
+    if pr.fp8 is not None and cfg.model.transformer_impl == "local":
+        errs.append(f"precision.fp8={pr.fp8!r} needs Transformer Engine, but "
+                    "model.transformer_impl='local'")
+    return errs
+
+
+def validate_config(cfg: AvrConfig) -> AvrConfig:
+    errors = [msg for check in RULES for msg in check(cfg)]
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    return cfg

@@ -1,0 +1,199 @@
+"""Llama-family GPT models on Megatron-Core, built from `cfg.model` / `cfg.parallel` / `cfg.precision`.
+
+Knows nothing of losses or data: it returns the model chunks for this rank (one per virtual
+pipeline stage), optionally wrapped in Float16Module for bf16. The forward pass returns
+vocab-parallel logits [batch, seq, padded_vocab / TP] on the last pipeline stage.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from avr_megatron.config import AvrConfig, ConfigError
+from avr_megatron.config.schema import ModelConfig, RopeScalingConfig
+
+
+def padded_vocab_size(m: ModelConfig) -> int:
+    """Vocab rounded up to a multiple of make_vocab_size_divisible_by (TP-independent)."""
+    d = m.make_vocab_size_divisible_by
+    return int(math.ceil(m.vocab_size / d) * d)
+
+
+@lru_cache(maxsize=1)
+def transformer_engine_status() -> tuple[bool, str]:
+    """(usable, reason): TE needs both the package and a CUDA device."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False, "transformer_engine is not installed (pip install '.[gpu]')"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # a broken install (missing cuDNN, ABI mismatch) is common
+        return False, f"import transformer_engine.pytorch failed: {e}"
+    return True, "available"
+
+
+def uses_transformer_engine(cfg: AvrConfig) -> bool:
+    """Resolve model.transformer_impl (auto | transformer_engine | local) on this machine."""
+    impl = cfg.model.transformer_impl
+    ok, reason = transformer_engine_status()
+    if impl == "local":
+        use_te = False
+    elif impl == "transformer_engine":
+        if not ok:
+            raise ConfigError(f"model.transformer_impl='transformer_engine' but {reason}")
+        use_te = True
+    else:
+        use_te = ok
+    pr, p = cfg.precision, cfg.parallel
+    if pr.fp8 is not None and not use_te:
+        raise ConfigError(f"precision.fp8={pr.fp8!r} needs Transformer Engine, but "
+                          f"{'model.transformer_impl=local' if impl == 'local' else reason}")
+    if p.context_parallel_size > 1 and not use_te:
+        raise ConfigError("parallel.context_parallel_size > 1 needs Transformer Engine attention "
+                          f"({reason})")
+    if p.sequence_parallel and not use_te:
+        raise ConfigError(f"parallel.sequence_parallel=true needs Transformer Engine norms ({reason})")
+    return use_te
+
+
+def llama3_inv_freq(head_dim: int, base: float, rs: RopeScalingConfig) -> torch.Tensor:
+    """RoPE inverse frequencies with Llama-3 scaling, for any factor / low / high / original
+    length (Megatron-Core hard-codes low=1, high=4, original=8192)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if rs.type is None:
+        return inv_freq
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
+    from megatron.core.transformer import TransformerConfig
+
+    m, p, pr = cfg.model, cfg.parallel, cfg.precision
+    if use_te is None:
+        use_te = uses_transformer_engine(cfg)
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        # Llama: RMSNorm, SwiGLU, no biases, RoPE (set on GPTModel).
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        init_method_std=m.init_method_std,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        bf16=pr.bf16,
+        params_dtype=torch.bfloat16 if pr.bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if pr.bf16 else torch.float32,
+        autocast_dtype=torch.bfloat16 if pr.bf16 else torch.float32,
+        # Fused kernels exist only on GPU (apex / TE / CUDA extensions).
+        bias_activation_fusion=use_te,
+        bias_dropout_fusion=use_te,
+        masked_softmax_fusion=use_te,
+        apply_rope_fusion=use_te,
+        persist_layer_norm=use_te,
+        gradient_accumulation_fusion=use_te,
+        cross_entropy_loss_fusion=False,
+        # Initialise the full weight then slice it: same weights for any TP size; required on CPU.
+        use_cpu_initialization=not on_gpu,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
+        deallocate_pipeline_outputs=True,
+    )
+    if pr.fp8 is not None:
+        kwargs.update(fp8=pr.fp8, fp8_recipe=pr.fp8_recipe,
+                      fp8_amax_history_len=pr.fp8_amax_history_len,
+                      fp8_amax_compute_algo=pr.fp8_amax_compute_algo, fp8_param=pr.fp8_param)
+    try:
+        return TransformerConfig(**kwargs)
+    except (AssertionError, ValueError) as e:
+        raise ConfigError(f"Megatron-Core rejected the model/parallel/precision config: {e}") from e
+
+
+def layer_spec(use_te: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(cfg: AvrConfig, *, wrap_fp16: bool = True) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage). Needs `runtime.initialize`."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    use_te = uses_transformer_engine(cfg)
+    tcfg = transformer_config(cfg, use_te)
+    spec = layer_spec(use_te)
+    m = cfg.model
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    inv_freq = llama3_inv_freq(head_dim, m.rotary_base, m.rope_scaling)
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        first_chunk, last_chunk = vp_stage == 0, vp_stage == (vpp or 1) - 1
+        model = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(m),
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=pp_rank == 0 and first_chunk,
+            post_process=pp_rank == pp_size - 1 and last_chunk,
+            parallel_output=True,
+            share_embeddings_and_output_weights=m.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=m.rotary_base,
+            vp_stage=vp_stage if vpp else None,
+        )
+        # Our own Llama-3 frequencies (all four scaling parameters, not just the factor).
+        if hasattr(model, "rotary_pos_emb"):
+            model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+        for param in model.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        if wrap_fp16 and cfg.precision.bf16:
+            model = Float16Module(tcfg, model)
+        chunks.append(model)
+    return chunks
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
