@@ -88,8 +88,46 @@ class PrecisionConfig:
 
 
 @dataclass
+class OptimizerConfig:
+    # adam (AdamW: decoupled weight decay) or sgd, through Megatron's optimizer.
+    name: str = "adam"
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    # Global gradient-norm clipping; 0 disables it.
+    clip_grad: float = 1.0
+    # Shard optimizer state across data-parallel ranks (ZeRO-1).
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    warmup_iters: int = 0
+    # constant | linear | cosine
+    decay_style: str = "cosine"
+    # Iterations over which the LR decays to optimizer.min_lr; None means train.train_iters.
+    lr_decay_iters: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int = 100
+    micro_batch_size: int = 1
+    # Sequences (SFT) or packed bins per optimizer step across all data-parallel ranks.
+    global_batch_size: int = 8
+    seq_length: int = 512
+    log_interval: int = 1
+
+
+@dataclass
 class AvrConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -128,6 +128,32 @@ def _precision(cfg: AvrConfig) -> list[str]:
     return errs
 
 
+@rule
+def _training(cfg: AvrConfig) -> list[str]:
+    o, sch, t, errs = cfg.optimizer, cfg.scheduler, cfg.train, []
+    errs += _choice(o.name, "optimizer.name", ("adam", "sgd"))
+    errs += _choice(sch.decay_style, "scheduler.decay_style", ("constant", "linear", "cosine"))
+    if o.lr <= 0:
+        errs.append(f"optimizer.lr={o.lr} must be > 0")
+    if not 0 <= o.min_lr <= o.lr:
+        errs.append(f"optimizer.min_lr={o.min_lr} must be in [0, optimizer.lr={o.lr}]")
+    if o.clip_grad < 0:
+        errs.append(f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
+    for key in ("train_iters", "micro_batch_size", "global_batch_size", "seq_length",
+                "log_interval"):
+        if getattr(t, key) < 1:
+            errs.append(f"train.{key}={getattr(t, key)} must be >= 1")
+    if t.global_batch_size % max(t.micro_batch_size, 1):
+        errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                    f"train.micro_batch_size={t.micro_batch_size}")
+    if sch.warmup_iters < 0:
+        errs.append(f"scheduler.warmup_iters={sch.warmup_iters} must be >= 0")
+    if t.seq_length > cfg.model.max_position_embeddings:
+        errs.append(f"train.seq_length={t.seq_length} exceeds "
+                    f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
+    return errs
+
+
 def validate_config(cfg: AvrConfig) -> AvrConfig:
     errors = [msg for check in RULES for msg in check(cfg)]
     if errors:

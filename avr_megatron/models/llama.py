@@ -79,6 +79,14 @@ def llama3_inv_freq(head_dim: int, base: float, rs: RopeScalingConfig) -> torch.
     return torch.where(medium, smoothed, scaled)
 
 
+def _backend() -> str:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_backend()
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
     from megatron.core.transformer import TransformerConfig
 
@@ -126,6 +134,9 @@ def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
         recompute_method=m.recompute_method,
         recompute_num_layers=m.recompute_num_layers,
         deallocate_pipeline_outputs=True,
+        # gloo pairs batched isend/irecv between the same two ranks out of order, which swaps
+        # activations and gradients in the interleaved schedule; NCCL keeps Megatron's default.
+        batch_p2p_comm=_backend() == "nccl",
     )
     if pr.fp8 is not None:
         kwargs.update(fp8=pr.fp8, fp8_recipe=pr.fp8_recipe,

@@ -1,0 +1,166 @@
+"""Megatron dist checkpoints (torch_dist) of model chunks, optimizer and trainer state, written
+atomically: each save goes to a hidden temporary directory that rank 0 renames into place after
+every rank finished, then the `latest` pointer is replaced. A crash mid-save leaves the previous
+checkpoint and pointer untouched; old iterations beyond `keep_last` are removed afterwards.
+
+Model weights reshard on load (save at TP=1, load at TP=2, other PP/VPP layouts); optimizer state
+is saved `dp_reshardable` (Megatron's fast format: it reshards across DP only).
+
+    <root>/latest                 "iter_0000100"
+    <root>/iter_0000100/          dist checkpoint + avr_checkpoint.json + config.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from avr_megatron.config import AvrConfig, save_config
+from avr_megatron.models.llama import unwrap
+
+FORMAT = "avr-megatron/dist-ckpt/1"
+META_FILE = "avr_checkpoint.json"
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
+    if len(chunks) == 1:
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a root holding `latest` / iter_* directories -> the newest
+    complete checkpoint. Raises CheckpointError naming what is missing."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: directory does not exist")
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if is_checkpoint(target):
+            return target
+    complete = sorted((int(m.group(1)), p) for p in path.iterdir()
+                      if (m := _ITER_DIR.match(p.name)) and is_checkpoint(p))
+    if not complete:
+        raise CheckpointError(f"no complete checkpoint under {path} (no {META_FILE} found)")
+    return complete[-1][1]
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    ckpt = resolve(path)
+    meta = json.loads((ckpt / META_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt / META_FILE}: unknown checkpoint format {meta.get('format')!r}")
+    return meta
+
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.nn.Module],
+                    cfg: AvrConfig, *, optimizer=None, scheduler=None,
+                    state: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
+    """Save on every rank (collective). `state` is small JSON-able trainer state (iteration,
+    consumed samples, data position...). Returns the final checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / iter_dir_name(iteration)
+    tmp = root / f".{final.name}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    sharded = _model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPTIM_METADATA)
+    if scheduler is not None:
+        sharded["scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(sharded, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        meta = {"format": FORMAT, "iteration": iteration, "has_optimizer": optimizer is not None,
+                "num_chunks": len(chunks), "state": state or {},
+                "parallel": {"tensor_model_parallel_size":
+                             cfg.parallel.tensor_model_parallel_size,
+                             "pipeline_model_parallel_size":
+                             cfg.parallel.pipeline_model_parallel_size,
+                             "virtual_pipeline_model_parallel_size":
+                             cfg.parallel.virtual_pipeline_model_parallel_size}}
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if final.exists():  # a re-save of the same iteration replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+        if keep_last:
+            _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := _ITER_DIR.match(p.name)) and is_checkpoint(p))
+    for _, old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, optimizer=None,
+                    scheduler=None, strict: bool = True) -> dict:
+    """Load weights (any TP/PP layout) and, when given, optimizer and scheduler state (same
+    TP/PP layout as saved). Returns the checkpoint's metadata (with `state`)."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = resolve(path)
+    meta = read_meta(ckpt)
+    if optimizer is not None and not meta["has_optimizer"]:
+        raise CheckpointError(f"{ckpt} has no optimizer state (saved weights only)")
+    sharded = _model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
+                                                            metadata=_OPTIM_METADATA)
+    loaded = dist_checkpointing.load(sharded, str(ckpt))
+    for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), chunks):
+        unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+    if optimizer is not None:
+        # fp32 runs: the distributed optimizer's main params are views of the model params, and
+        # Megatron copies into them outside no_grad.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "scheduler" in loaded:
+        scheduler.load_state_dict(loaded["scheduler"])
+    return meta

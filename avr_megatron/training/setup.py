@@ -1,0 +1,81 @@
+"""Megatron DDP, optimizer and LR schedule for a list of model chunks, from the recipe.
+
+The same objects serve every training stage (SFT, DPO, smoke runs); the step logic that differs
+between them is a forward-step function injected into `training.step.train_step`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from avr_megatron.config import AvrConfig, ConfigError
+from avr_megatron.runtime.distributed import ParallelLayout
+
+
+def num_microbatches(cfg: AvrConfig, layout: ParallelLayout) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * layout.dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {layout.dp}")
+    return t.global_batch_size // per_step
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], cfg: AvrConfig) -> list[torch.nn.Module]:
+    """Megatron DistributedDataParallel around each chunk (grad buffers, bucketed all-reduce or
+    reduce-scatter for the distributed optimizer), and the hooks the schedules call."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    from avr_megatron.models.llama import unwrap
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        config = unwrap(chunk).config
+        wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config,
+                                               module=chunk, disable_bucketing=i > 0))
+    config = unwrap(chunks[0]).config
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_optimizer(chunks: list[torch.nn.Module], cfg: AvrConfig):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from avr_megatron.models.llama import unwrap
+
+    o = cfg.optimizer
+    opt_config = OptimizerConfig(
+        optimizer=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=cfg.precision.bf16,
+        params_dtype=torch.bfloat16 if cfg.precision.bf16 else torch.float32,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    unwrap(chunks[0]).config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def build_scheduler(optimizer, cfg: AvrConfig):
+    """Linear warmup to optimizer.lr, then constant / linear / cosine decay to min_lr. Steps are
+    counted in optimizer steps."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, s, t = cfg.optimizer, cfg.scheduler, cfg.train
+    decay = s.lr_decay_iters or t.train_iters
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if s.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=s.warmup_iters, lr_decay_steps=max(decay, s.warmup_iters + 1),
+        lr_decay_style=s.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(decay, 1), wd_incr_style="constant")

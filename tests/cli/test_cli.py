@@ -1,0 +1,52 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def avr(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "avr_megatron.cli.main", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_info_json():
+    out = avr("info", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["versions"]["megatron-core"].startswith("0.19")
+    assert info["code_paths"]["layer_spec"] in ("local", "transformer_engine")
+
+
+def test_bad_override_exits_2_naming_key(tmp_path):
+    out = avr("smoke", "--recipe", "recipes/tiny.yaml", "model.num_layer=3",
+              f"run.dir={tmp_path}")
+    assert out.returncode == 2
+    assert "unknown key 'model.num_layer'" in out.stderr
+
+
+def test_smoke_writes_config_and_summary(tmp_path):
+    out = avr("smoke", "--recipe", "recipes/tiny.yaml", f"run.dir={tmp_path}",
+              "train.train_iters=30")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "smoke_summary.json").read_text())
+    assert summary["last_loss"] < summary["first_loss"] * 0.6
+    assert "train_iters: 30" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_under_torchrun_pipeline_parallel(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "avr_megatron.cli.main", "smoke", "--recipe", "recipes/tiny.yaml",
+           f"run.dir={tmp_path}", "parallel.pipeline_model_parallel_size=2",
+           "train.train_iters=10"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "smoke_summary.json").read_text())
+    assert summary["layout"]["pp"] == 2 and summary["last_loss"] < summary["first_loss"]

@@ -1,0 +1,69 @@
+"""Each bad recipe is rejected up front with a message that names the offending key."""
+
+import pytest
+
+from avr_megatron.config import ConfigError, load_config
+
+TP = "parallel.tensor_model_parallel_size"
+PP = "parallel.pipeline_model_parallel_size"
+VPP = "parallel.virtual_pipeline_model_parallel_size"
+
+BAD = [
+    (["model.preset=llama3.1-70b", f"{TP}=16"], "model.num_query_groups=8 is not divisible by "
+     f"{TP}=16"),
+    (["model.preset=llama3.2-3b", f"{TP}=16"], f"model.num_attention_heads=24 is not divisible by {TP}=16"),
+    (["model.num_attention_heads=6", "model.num_query_groups=4"], "model.num_attention_heads=6 is "
+     "not divisible by model.num_query_groups=4"),
+    (["model.hidden_size=66"], "model.hidden_size=66 is not divisible"),
+    (["model.preset=tiny", f"{PP}=4"], f"{PP}=4 is larger than model.num_layers=2"),
+    (["model.num_layers=6", f"{PP}=4"], "model.num_layers=6 is not divisible by the number of "
+     "pipeline chunks 4"),
+    (["model.num_layers=8", f"{PP}=2", f"{VPP}=3"], "model.num_layers=8 is not divisible by the "
+     "number of pipeline chunks 6"),
+    ([f"{VPP}=2"], f"{VPP} needs {PP} >= 2"),
+    (["model.ffn_hidden_size=130", f"{TP}=4"], f"model.ffn_hidden_size=130 is not divisible by {TP}"),
+    (["model.make_vocab_size_divisible_by=100", f"{TP}=8"], "model.make_vocab_size_divisible_by"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs"),
+    (["precision.fp8=e5m2"], "precision.fp8='e5m2' is not one of"),
+    (["precision.fp8=e4m3", "model.transformer_impl=local"], "precision.fp8='e4m3' needs "
+     "Transformer Engine"),
+    (["precision.fp8_param=true"], "precision.fp8_param=true needs precision.fp8"),
+    (["precision.fp8_recipe=fancy"], "precision.fp8_recipe='fancy'"),
+    (["model.transformer_impl=te"], "model.transformer_impl='te' is not one of"),
+    (["model.recompute_granularity=full"], "model.recompute_method=None is not one of"),
+    (["model.recompute_method=block"], "model.recompute_method='block' needs"),
+    (["model.rope_scaling.type=yarn"], "model.rope_scaling.type='yarn'"),
+    (["model.num_layers=0"], "model.num_layers=0 must be >= 1"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10 is "
+     "not divisible by train.micro_batch_size=4"),
+    (["train.seq_length=4096", "model.max_position_embeddings=2048"], "train.seq_length=4096 "
+     "exceeds model.max_position_embeddings=2048"),
+    (["optimizer.min_lr=1.0", "optimizer.lr=0.1"], "optimizer.min_lr=1.0"),
+    (["scheduler.decay_style=step"], "scheduler.decay_style='step'"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_config_names_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.num_layers=0", "precision.fp8=bad"])
+    assert "model.num_layers" in str(e.value) and "precision.fp8" in str(e.value)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama3.2-1b", "llama3.2-3b", "llama3.1-8b",
+                                    "llama3.1-70b"])
+def test_presets_validate(preset):
+    cfg = load_config(None, [f"model.preset={preset}"])
+    assert cfg.model.preset == preset
+
+
+def test_70b_layout_validates():
+    cfg = load_config(None, ["model.preset=llama3.1-70b", f"{TP}=8", f"{PP}=4", f"{VPP}=5",
+                             "parallel.sequence_parallel=true"])
+    assert cfg.model.num_layers == 80

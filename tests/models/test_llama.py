@@ -1,0 +1,49 @@
+"""Single-process model checks: shapes, vocab padding, Llama-3 RoPE frequencies against the
+transformers implementation, and clear errors for GPU-only options."""
+
+import pytest
+import torch
+
+from avr_megatron.config import ConfigError, load_config
+from avr_megatron.models.llama import llama3_inv_freq, padded_vocab_size, uses_transformer_engine
+
+
+@pytest.mark.parametrize("vocab,padded", [(512, 512), (300, 384), (128256, 128256), (129, 256)])
+def test_padded_vocab(vocab, padded):
+    cfg = load_config(None, [f"model.vocab_size={vocab}"])
+    assert padded_vocab_size(cfg.model) == padded
+
+
+@pytest.mark.parametrize("factor,low,high,orig,base,dim", [
+    (8.0, 1.0, 4.0, 8192, 500000.0, 128),
+    (32.0, 1.0, 4.0, 8192, 500000.0, 64),
+    (8.0, 1.0, 4.0, 256, 500000.0, 16),
+    (4.0, 2.0, 8.0, 1024, 10000.0, 32),
+])
+def test_llama3_inv_freq_matches_transformers(factor, low, high, orig, base, dim):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = LlamaConfig(hidden_size=dim * 2, num_attention_heads=2, max_position_embeddings=2 * orig,
+                     rope_parameters={"rope_type": "llama3", "rope_theta": base, "factor": factor,
+                                      "low_freq_factor": low, "high_freq_factor": high,
+                                      "original_max_position_embeddings": orig})
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    cfg = load_config(None, ["model.rope_scaling.type=llama3", f"model.rope_scaling.factor={factor}",
+                             f"model.rope_scaling.low_freq_factor={low}",
+                             f"model.rope_scaling.high_freq_factor={high}",
+                             f"model.rope_scaling.original_max_position_embeddings={orig}"])
+    ours = llama3_inv_freq(dim, base, cfg.model.rope_scaling)
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-6, atol=0)
+
+
+def test_gpu_only_options_need_transformer_engine():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    with pytest.raises(ConfigError, match="precision.fp8='e4m3' needs Transformer Engine"):
+        uses_transformer_engine(load_config(None, ["precision.fp8=e4m3"]))
+    with pytest.raises(ConfigError, match="model.transformer_impl='transformer_engine'"):
+        uses_transformer_engine(load_config(None, ["model.transformer_impl=transformer_engine"]))
+    with pytest.raises(ConfigError, match="context_parallel_size > 1 needs"):
+        uses_transformer_engine(load_config(None, ["parallel.context_parallel_size=2"]))
+    assert uses_transformer_engine(load_config(None, [])) is False
