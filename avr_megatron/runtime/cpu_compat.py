@@ -41,6 +41,8 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            return _backward_with_mode(self, func, args, kwargs)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = dict(kwargs, device=_CPU)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
@@ -50,6 +52,36 @@ class _CudaToCpu(TorchFunctionMode):
                 and isinstance(out, str) and not out.startswith("torch.cuda.")):
             out = out.replace("torch.", "torch.cuda.", 1)
         return out
+
+
+def _backward_with_mode(mode: TorchFunctionMode, func, args, kwargs):
+    """A mode is popped while it handles a call, so a plain `loss.backward()` would run the whole
+    backward pass, including activation-recompute forwards, without the CUDA->CPU rewrite. Run the
+    autograd engine directly with the mode pushed again. (Megatron's schedules call the engine
+    directly already.)"""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    if func is torch.Tensor.backward:
+        names = ("gradient", "retain_graph", "create_graph", "inputs")
+        bound = dict(zip(names, args[1:]), **kwargs)
+        tensors, grads = (args[0],), bound.get("gradient")
+    else:
+        names = ("grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
+        bound = dict(zip(names, args[1:]), **kwargs)
+        tensors, grads = args[0], bound.get("grad_tensors")
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    inputs = bound.get("inputs")
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor)
+                                        else tuple(inputs))
+    create_graph = bool(bound.get("create_graph") or False)
+    retain_graph = bound.get("retain_graph")
+    retain_graph = create_graph if retain_graph is None else retain_graph
+    with mode:
+        grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)),
+                            is_grads_batched=False)
+        _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs,
+                             allow_unreachable=True, accumulate_grad=True)
 
 
 class _Stream:

@@ -34,6 +34,18 @@ def test_activation_on_cpu_patches_cuda_calls():
         assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
         s = torch.cuda.current_stream(); s.wait_stream(s); torch.cuda.synchronize()
         assert all(reason for _, reason in cpu_compat.PATCHES)
+
+        class Recompute(torch.autograd.Function):  # backward allocates on "cuda", as recompute does
+            @staticmethod
+            def forward(ctx, x):
+                return x * 2
+            @staticmethod
+            def backward(ctx, g):
+                return g * torch.full((2,), 2.0, device="cuda")
+        x = torch.ones(2, requires_grad=True)
+        Recompute.apply(x).sum().backward()
+        torch.autograd.backward([Recompute.apply(x).sum()], [torch.tensor(3.0)])
+        assert x.grad.tolist() == [8.0, 8.0], x.grad
         print(len(cpu_compat.PATCHES))
     """)
     assert int(out.strip()) >= 10
