@@ -334,7 +334,7 @@ values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.0])
 texts = st.sampled_from(["short", "a different answer", "again " * 60, "x" * 500])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(values, st.lists(st.lists(values, min_size=1, max_size=3), max_size=3), st.data())
 def test_pair_invariants(r0, groups, data):
     crits = [data.draw(st.sampled_from(["c1 [[3]]", "c2 [[6]]", "loop " * 60 + "[[1]]"])) for _ in groups]
