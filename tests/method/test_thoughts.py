@@ -137,7 +137,7 @@ joined = st.tuples(st.lists(piece, max_size=6), st.sampled_from(["\n", "", " ", 
 nonblank = joined.filter(lambda s: s.strip() != "")
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(nonblank, st.lists(st.tuples(nonblank, nonblank), max_size=3), nonblank)
 def test_render_parse_round_trip(first, steps, failed):
     thought = RefinementThought(first, tuple(steps), failed)
@@ -149,13 +149,13 @@ def test_render_parse_round_trip(first, steps, failed):
     assert p.n_rounds == len(steps) + 1
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.text())
 def test_escape_round_trip(text):
     assert unescape(escape(text)) == text
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.one_of(st.text(), joined))
 def test_parse_never_raises(text):
     p = parse_thought(text)
