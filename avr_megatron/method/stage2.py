@@ -15,7 +15,7 @@ from avr_megatron.method.requests import make_key
 from avr_megatron.method.rewards import argmax, argmin, check_reward
 from avr_megatron.method.search import SearchResult
 from avr_megatron.method.thoughts import RefinementThought, extract_final_answer, parse_thought, render_thought
-from avr_megatron.method.tree import Provenance, rewards_of
+from avr_megatron.method.tree import Provenance, RefinementNode, rewards_of
 
 STAGE = "s2"
 
@@ -40,10 +40,17 @@ def thought_from_search(result: SearchResult) -> tuple[RefinementThought | None,
     attempts = [c for c in best.children if c.round == failed_round]
     if not attempts:
         return None, "thought_sft:no_failed_criticism"
-    failed = attempts[argmax(rewards_of(attempts))]  # type: ignore[index]
+    rewards = rewards_of(attempts)
+    failed = attempts[rewards.index(max(rewards))]
     lineage = result.tree.lineage(best.id)
-    steps = tuple((node.criticism, node.answer) for node in lineage[1:])
-    return RefinementThought(lineage[0].answer, steps, failed.criticism), None  # type: ignore[arg-type]
+    steps = tuple((_criticism_of(node), node.answer) for node in lineage[1:])
+    return RefinementThought(lineage[0].answer, steps, _criticism_of(failed)), None
+
+
+def _criticism_of(node: RefinementNode) -> str:
+    if node.criticism is None:
+        raise ValueError(f"node {node.id!r}: an improvement without its criticism")
+    return node.criticism
 
 
 def thought_sft_example(

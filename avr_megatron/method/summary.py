@@ -40,7 +40,7 @@ class RunSummary:
     gain_count: dict[int, int] = field(default_factory=dict)
 
     def add_prompts(self, n: int = 1) -> None:
-        self.prompts += _check.integer(n, "prompts", minimum=0)  # type: ignore[operator]
+        self.prompts += _check.integer(n, "prompts", minimum=0)
 
     def add_failure(self, reason: str) -> None:
         _add(self.failures, _check.string(reason, "failure reason"))
@@ -157,8 +157,8 @@ class RunSummary:
             return out
 
         return cls(
-            prompts=_check.integer(d["prompts"], f"{where}.prompts", minimum=0),  # type: ignore[arg-type]
-            trees=_check.integer(d["trees"], f"{where}.trees", minimum=0),  # type: ignore[arg-type]
+            prompts=_check.integer(d["prompts"], f"{where}.prompts", minimum=0),
+            trees=_check.integer(d["trees"], f"{where}.trees", minimum=0),
             failures=_check.counters(d["failures"], f"{where}.failures"),
             accepted=_check.counters(d["accepted"], f"{where}.accepted"),
             rejected=_check.counters(d["rejected"], f"{where}.rejected"),

@@ -211,8 +211,8 @@ def parse_thought(text: Any, templates: PromptTemplates = DEFAULT_TEMPLATES) -> 
             problems.append("marker line after the final-answer delimiter")
         body = delim
 
-    markers = [(i, kinds[i]) for i in range(body) if kinds[i] is not None]
-    codes = "".join(kind for _, kind in markers)  # type: ignore[misc]
+    markers = [(i, kind) for i, kind in enumerate(kinds[:body]) if kind is not None]
+    codes = "".join(kind for _, kind in markers)
     for code, name in ((_OPEN, "opening marker"), (_CLOSING, "closing line"), (_CLOSE, "closing marker")):
         count = codes.count(code)
         if count == 0:
@@ -230,16 +230,17 @@ def parse_thought(text: Any, templates: PromptTemplates = DEFAULT_TEMPLATES) -> 
 
     answers: list[str] = []
     criticisms: list[str] = []
-    bounds = [*markers, (body, None)]
-    if bounds[0][0] > 0 and any(line.strip() for line in lines[: bounds[0][0]]):
+    first = markers[0][0] if markers else body
+    if any(line.strip() for line in lines[:first]):
         problems.append("text before the opening marker")
-    for (start, kind), (end, _) in zip(bounds, bounds[1:]):
+    ends = [i for i, _ in markers[1:]] + [body]
+    for (start, kind), end in zip(markers, ends):
         content = lines[start + 1:end]
         if kind in (_DRAFT, _REVIEW, _REVISION):
             segment = unescape("\n".join(content), t)
             (criticisms if kind == _REVIEW else answers).append(segment)
             if not segment.strip():
-                problems.append(f"empty section after the {_NAMES[kind]}")  # type: ignore[index]
+                problems.append(f"empty section after the {_NAMES[kind]}")
         elif any(line.strip() for line in content):
-            problems.append(f"unexpected text after the {_NAMES[kind]}")  # type: ignore[index]
+            problems.append(f"unexpected text after the {_NAMES[kind]}")
     return ParsedThought(final, not problems, len(criticisms), problems, answers, criticisms)
