@@ -20,7 +20,7 @@ Layout (each item starts a new line; `seg(t)` is the escaped text, see below):
 Markers. A line is a marker when, stripped of surrounding whitespace, it equals one of the six
 line markers (open, draft, review, revision, closing line, close), or when, stripped of leading
 whitespace, it starts with the final-answer prefix ("Final answer: 42" is a delimiter too; text
-after the prefix on that line belongs to the answer, minus one separating space).
+after the prefix on that line belongs to the answer, minus one separator: a newline, CRLF or space).
 
 Escaping (the rule that makes render -> parse exact for any text). Texts are split on "\\n" only.
 A text line whose form without leading backslashes is a marker gets one more backslash in front;
@@ -168,8 +168,10 @@ def _answer_after(lines: list[str], i: int, t: PromptTemplates) -> str:
     line = lines[i]
     rest = line.lstrip()[len(t.final_answer_prefix):]
     text = "\n".join([rest, *lines[i + 1:]])
-    if text.startswith("\n") or text.startswith(" "):
-        text = text[1:]
+    for separator in ("\n", "\r\n", " "):  # what render writes first, so the round trip holds
+        if text.startswith(separator):
+            text = text[len(separator):]
+            break
     return unescape(text, t)
 
 

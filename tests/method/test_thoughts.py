@@ -53,6 +53,8 @@ def test_final_answer_containing_the_delimiter():
     [
         ("Final answer: 42", "42"),
         ("Final answer:\n42", "42"),
+        ("Final answer:\r\n42", "42"),
+        ("Final answer:\n\n42", "\n42"),
         ("Final answer:  42", " 42"),  # exactly one separator is removed
         ("  Final answer: 42", "42"),
         ("some thinking\nFinal answer: 1\nmore\nFinal answer: 2", "2"),  # the last valid one wins
