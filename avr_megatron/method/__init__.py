@@ -1,0 +1,1 @@
+"""The AvR method core: prompts, refinement trees, search, rewards, filters and records; plain Python, no torch."""

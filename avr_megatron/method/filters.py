@@ -1,0 +1,89 @@
+"""Data filters of the note: degenerate repetition (every preference pair) and the RSFT length
+filter. Each returns a reason string or None, so the driver can count acceptance per filter."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, fields, replace
+from fractions import Fraction
+from typing import Any, Mapping
+
+REPETITION = "repetition"
+LENGTH = "length"
+
+# Words: maximal runs of letters, compared lowercased. Digit/symbol runs: maximal runs of
+# characters that are neither letters nor whitespace, read with all whitespace removed first (so
+# "1 2 3" is one run "123", and each "." between words is a run ".").
+_WORD = re.compile(r"[^\W\d_]+")
+_DIGIT_SYMBOL_RUN = re.compile(r"[\W\d_]+")
+_SPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    # A text is degenerate when one word, or one digit/symbol run, occurs this many times or more.
+    repetition_threshold: int = 60
+    # RSFT: drop an improvement that is BOTH this many characters longer than y0 ...
+    length_extra_chars: int = 400
+    # ... AND at least this many times as long as y0.
+    length_ratio: float = 1.2
+
+    def __post_init__(self) -> None:
+        for name in ("repetition_threshold", "length_extra_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"filters.{name}: expected an integer >= 1, got {value!r}")
+        ratio = self.length_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+            raise ValueError(f"filters.length_ratio: expected a positive number, got {ratio!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, where: str = "filters") -> FilterConfig:
+        if d is None:
+            return cls()
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in names:
+                raise ValueError(f"{where}.{key}: unknown field (known: {', '.join(sorted(names))})")
+        try:
+            return replace(cls(), **dict(d))
+        except ValueError as e:
+            raise ValueError(str(e).replace("filters.", f"{where}.", 1)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def most_repeated(text: str) -> tuple[str, int] | None:
+    """The most frequent word or digit/symbol run of `text` and its count (None if it has neither)."""
+    counts = Counter(w.lower() for w in _WORD.findall(text))
+    counts.update(_DIGIT_SYMBOL_RUN.findall(_SPACE.sub("", text)))
+    if not counts:
+        return None
+    return max(counts.items(), key=lambda item: (item[1], item[0]))
+
+
+def repetition_reason(text: str, config: FilterConfig = FilterConfig()) -> str | None:
+    """`"repetition"` when some word or digit/symbol run occurs >= `repetition_threshold` times."""
+    if not isinstance(text, str):
+        raise ValueError(f"repetition filter: expected a string, got {type(text).__name__}")
+    top = most_repeated(text)
+    return REPETITION if top is not None and top[1] >= config.repetition_threshold else None
+
+
+def length_reason(improvement: str, y0: str, config: FilterConfig = FilterConfig()) -> str | None:
+    """`"length"` when the improvement is both >= `length_extra_chars` characters longer and
+    >= `length_ratio` times as long as y0 (lengths in characters; the ratio compared exactly, as the
+    decimal written in the recipe)."""
+    for name, value in (("improvement", improvement), ("y0", y0)):
+        if not isinstance(value, str):
+            raise ValueError(f"length filter: {name}: expected a string, got {type(value).__name__}")
+    new, old = len(improvement), len(y0)
+    ratio = Fraction(repr(float(config.length_ratio)))
+    if new - old >= config.length_extra_chars and new >= ratio * old:
+        return LENGTH
+    return None

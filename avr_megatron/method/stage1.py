@@ -1,0 +1,211 @@
+"""Stage 1: the single-step refinement tree (k criticisms x m improvements of y0) and the data it
+yields: one RSFT example and up to three preference pairs (response, criticism, improvement).
+
+Rejection reasons are `"<output>:<rule>"` strings (e.g. "criticism:same_text") so a run summary
+can count acceptance per rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from avr_megatron.method.chat import Message, message
+from avr_megatron.method.expansion import Expansion, RefinerBase
+from avr_megatron.method.filters import FilterConfig, length_reason, repetition_reason
+from avr_megatron.method.prompts import PromptTemplates
+from avr_megatron.method.records import preference_record, sft_record
+from avr_megatron.method.requests import make_key
+from avr_megatron.method.rewards import argmax, argmin, criticism_value
+from avr_megatron.method.tree import Provenance, RefinementNode, RefinementTree, rewards_of
+
+STAGE = "s1"
+
+
+class Stage1TreeBuilder(RefinerBase):
+    """Builds one prompt's stage-1 tree by emitting requests and consuming results.
+
+    Phases (each emitted as soon as it is ready): generate y0 when `y0` is None; score y0 when
+    `r0` is None (alongside the rest); k criticisms of y0, each resampled while it lacks a
+    parsable `[[n]]` rating, `max_rating_tries` samples in all, then dropped; m improvements per
+    surviving criticism; a score for every non-blank improvement (blank ones are dropped and
+    counted). Deterministic: the same results give the same tree, whatever order they arrive in.
+    """
+
+    def __init__(
+        self,
+        prompt_id: str,
+        x: Sequence[Message],
+        y0: str | None = None,
+        *,
+        k: int = 2,
+        m: int = 2,
+        provenance: Provenance,
+        r0: float | None = None,
+        templates: PromptTemplates = PromptTemplates(),
+        max_rating_tries: int = 5,
+        max_answer_tries: int = 5,
+    ) -> None:
+        self._round: Expansion | None = None
+        super().__init__(
+            prompt_id, x, y0, r0, stage=STAGE, k=k, m=m, provenance=provenance, templates=templates,
+            max_rating_tries=max_rating_tries, max_answer_tries=max_answer_tries,
+        )
+
+    def _start(self) -> None:
+        assert self.root is not None
+        self._round = self._expansion([self.root], 1)
+
+    def _progress(self) -> None:
+        pass  # nothing follows the single round
+
+    @property
+    def done(self) -> bool:
+        if self.failure is not None:
+            return True
+        return self._round is not None and self._round.finished and self.root is not None and self.root.reward is not None
+
+    @property
+    def tree(self) -> RefinementTree:
+        if not self.done:
+            raise RuntimeError(f"{self.name}: the tree is not complete yet")
+        if self._tree is None or self.failure is not None:
+            raise RuntimeError(f"{self.name}: no tree ({self.failure})")
+        return self._tree
+
+
+def _complete_root(tree: RefinementTree) -> tuple[RefinementNode, float]:
+    if not isinstance(tree, RefinementTree):
+        raise ValueError(f"expected a RefinementTree, got {type(tree).__name__}")
+    root = tree.root
+    if root.reward is None:
+        raise ValueError(f"tree {tree.prompt_id!r}: y0 has no reward (tree not complete)")
+    rewards_of(root.children)  # every improvement must be scored
+    return root, root.reward
+
+
+def best_improvement(tree: RefinementTree) -> RefinementNode | None:
+    """The highest-reward improvement of y0 (the first in tree order on ties), None if none."""
+    root, _ = _complete_root(tree)
+    i = argmax(rewards_of(root.children))
+    return None if i is None else root.children[i]
+
+
+def _best_criticism(root: RefinementNode, r0: float) -> tuple[list[tuple[int, list[RefinementNode]]], list[float], int | None]:
+    """Criticism groups of y0, their values and the index (in the group list) of the best one."""
+    groups = root.criticism_groups()
+    values = [criticism_value(rewards_of(children), r0) for _, children in groups]
+    return groups, values, argmax(values)  # every group has >= 1 child, so no value is None
+
+
+def _pair(tree: RefinementTree, pair_type: str, prompt: list[Message], chosen: str, rejected: str,
+          reward_chosen: float, reward_rejected: float) -> dict[str, Any]:
+    return preference_record(
+        id=make_key(tree.prompt_id, STAGE, pair_type), pair_type=pair_type, stage=1,
+        prompt_id=tree.prompt_id, prompt=prompt, chosen=chosen, rejected=rejected, round=1,
+        reward_chosen=reward_chosen, reward_rejected=reward_rejected, reward_base=tree.root.reward,
+        provenance=tree.provenance,
+    )
+
+
+def rsft_example(tree: RefinementTree, filters: FilterConfig = FilterConfig()) -> tuple[dict[str, Any] | None, str | None]:
+    """The RSFT conversation `[*x, y0, criticise, c, improve, y_best]` when the best improvement
+    beats y0 and passes the length filter; otherwise (None, reason)."""
+    root, r0 = _complete_root(tree)
+    best = best_improvement(tree)
+    if best is None:
+        return None, "rsft:no_improvement"
+    assert best.reward is not None and best.criticism is not None
+    if best.reward <= r0:
+        return None, "rsft:no_gain"
+    if length_reason(best.answer, root.answer, filters):
+        return None, "rsft:length"
+    messages = [*tree.templates.improve_turns(tree.x, root.answer, best.criticism), message("assistant", best.answer)]
+    record = sft_record(
+        id=make_key(tree.prompt_id, STAGE, "rsft"), kind="rsft", stage=1, prompt_id=tree.prompt_id,
+        messages=messages, round=1, reward=best.reward, reward_base=r0, provenance=tree.provenance,
+    )
+    return record, None
+
+
+def _repetitive(filters: FilterConfig, *texts: str) -> bool:
+    return any(repetition_reason(t, filters) for t in texts)
+
+
+def preference_pairs(tree: RefinementTree, filters: FilterConfig = FilterConfig()) -> tuple[list[dict[str, Any]], list[str]]:
+    """The accepted pairs of a complete tree, and the reasons the others were rejected.
+
+    response:    prompt x; chosen = best improvement, rejected = y0; needs r(best) > r(y0).
+    criticism:   prompt [x, y0, criticise]; chosen / rejected = criticisms with the highest /
+                 lowest value (first on ties, see rewards.criticism_value); needs two criticisms,
+                 different texts, a strictly higher value, and the best child of the chosen
+                 criticism >= r(y0).
+    improvement: prompt [x, y0, criticise, c_best, improve], c_best = the chosen criticism above
+                 (the only one when one survived); chosen / rejected = its highest / lowest child;
+                 needs two children, strictly ordered rewards, and r(rejected) != r(y0).
+    Every pair also needs chosen != rejected text (beyond the note: a reward model that is not
+    bit-reproducible can score one text twice) and both texts free of degenerate repetition.
+    """
+    root, r0 = _complete_root(tree)
+    x, y0, t = tree.x, root.answer, tree.templates
+    pairs: list[dict[str, Any]] = []
+    rejected: list[str] = []
+
+    # Response pair.
+    best = best_improvement(tree)
+    if best is None:
+        rejected.append("response:no_improvement")
+    elif best.reward <= r0:  # type: ignore[operator]
+        rejected.append("response:no_gain")
+    elif best.answer == y0:
+        rejected.append("response:same_text")
+    elif _repetitive(filters, best.answer, y0):
+        rejected.append("response:repetition")
+    else:
+        pairs.append(_pair(tree, "response", list(x), best.answer, y0, best.reward, r0))  # type: ignore[arg-type]
+
+    # Criticism pair.
+    groups, values, b = _best_criticism(root, r0)
+    w = argmin(values, exclude=b)
+    if b is None or w is None:
+        rejected.append("criticism:too_few")
+    else:
+        c_best, c_worst = groups[b][1][0].criticism, groups[w][1][0].criticism
+        assert c_best is not None and c_worst is not None
+        if not values[b] > values[w]:  # type: ignore[operator]
+            rejected.append("criticism:no_strict_order")
+        elif c_best == c_worst:
+            rejected.append("criticism:same_text")
+        elif max(rewards_of(groups[b][1])) < r0:
+            rejected.append("criticism:best_child_below_base")
+        elif _repetitive(filters, c_best, c_worst):
+            rejected.append("criticism:repetition")
+        else:
+            prompt = [*x, message("assistant", y0), message("user", t.criticise)]
+            pairs.append(_pair(tree, "criticism", prompt, c_best, c_worst, values[b], values[w]))  # type: ignore[arg-type]
+
+    # Improvement pair, under the best criticism.
+    if b is None:
+        rejected.append("improvement:no_criticism")
+    else:
+        children = groups[b][1]
+        rewards = rewards_of(children)
+        hi = argmax(rewards)
+        lo = argmin(rewards, exclude=hi)
+        if lo is None:
+            rejected.append("improvement:too_few")
+        else:
+            chosen, worse = children[hi], children[lo]  # type: ignore[index]
+            assert chosen.reward is not None and worse.reward is not None and chosen.criticism is not None
+            if not chosen.reward > worse.reward:
+                rejected.append("improvement:no_strict_order")
+            elif worse.reward == r0:
+                rejected.append("improvement:rejected_equals_base")
+            elif chosen.answer == worse.answer:
+                rejected.append("improvement:same_text")
+            elif _repetitive(filters, chosen.answer, worse.answer):
+                rejected.append("improvement:repetition")
+            else:
+                prompt = t.improve_turns(x, y0, chosen.criticism)
+                pairs.append(_pair(tree, "improvement", prompt, chosen.answer, worse.answer, chosen.reward, worse.reward))
+    return pairs, rejected
