@@ -22,9 +22,7 @@ def mapping(d: Any, where: str, required: Iterable[str], optional: Iterable[str]
     return d
 
 
-def integer(value: Any, where: str, *, minimum: int | None = None, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
+def integer(value: Any, where: str, *, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where}: expected an integer, got {value!r}")
     if minimum is not None and value < minimum:
@@ -32,20 +30,28 @@ def integer(value: Any, where: str, *, minimum: int | None = None, optional: boo
     return value
 
 
-def number(value: Any, where: str, *, optional: bool = False) -> float | None:
-    if value is None and optional:
-        return None
+def number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{where}: expected a finite number, got {value!r}")
     return float(value)
 
 
-def string(value: Any, where: str, *, optional: bool = False, nonempty: bool = True) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or (nonempty and not value):
-        raise ValueError(f"{where}: expected a {'non-empty ' if nonempty else ''}string, got {value!r}")
+def string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: expected a non-empty string, got {value!r}")
     return value
+
+
+def optional_integer(value: Any, where: str, *, minimum: int | None = None) -> int | None:
+    return None if value is None else integer(value, where, minimum=minimum)
+
+
+def optional_number(value: Any, where: str) -> float | None:
+    return None if value is None else number(value, where)
+
+
+def optional_string(value: Any, where: str) -> str | None:
+    return None if value is None else string(value, where)
 
 
 def sequence(value: Any, where: str) -> list[Any]:

@@ -133,7 +133,7 @@ class Expansion:
 
     def _ask_score(self, b: int, slot: int, j: int, node: RefinementNode) -> None:
         key = self._key(b, f"c{slot}", f"y{j}", "score")
-        request = ScoreRequest(key, [*self.x, message("assistant", node.answer)])
+        request = ScoreRequest(key, [*(dict(m) for m in self.x), message("assistant", node.answer)])
 
         def on_score(value: float) -> None:
             node.reward = value
@@ -221,7 +221,8 @@ class RefinerBase(RequestMachine):
                 root.reward = value
                 self._progress()
 
-            self._issue(ScoreRequest(key, [*self.x, message("assistant", root.answer)]), on_score)
+            messages = [*(dict(m) for m in self.x), message("assistant", root.answer)]
+            self._issue(ScoreRequest(key, messages), on_score)
         self._start()
 
     def _expansion(self, parents: Sequence[RefinementNode], round_no: int) -> Expansion:

@@ -10,6 +10,7 @@ GPU swaps as rarely as the method allows.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from avr_megatron.method.machine import Machine
 from avr_megatron.method.requests import GenerateRequest, Request, ScoreRequest, check_unique_keys
@@ -34,6 +35,7 @@ def run_frontier(machines: Sequence[Machine], generate: GenerateFn, score: Score
         check_unique_keys(requests)
         gens = [r for r in requests if isinstance(r, GenerateRequest)]
         batch: list[Request]
+        outputs: list[Any]
         if gens:
             batch, outputs = list(gens), list(generate(gens))
         else:
@@ -44,9 +46,9 @@ def run_frontier(machines: Sequence[Machine], generate: GenerateFn, score: Score
         if len(outputs) != len(batch):
             raise ValueError(f"engine returned {len(outputs)} results for {len(batch)} requests")
         calls += 1
-        per_machine: dict[int, tuple[Machine, dict[str, object]]] = {}
+        per_machine: dict[int, tuple[Machine, dict[str, Any]]] = {}
         for request, output in zip(batch, outputs):
             machine = owner[request.key]
             per_machine.setdefault(id(machine), (machine, {}))[1][request.key] = output
         for machine, results in per_machine.values():
-            machine.feed(results)  # type: ignore[arg-type]
+            machine.feed(results)

@@ -65,7 +65,7 @@ class SearchRound:
             round=_check.integer(d["round"], f"{where}.round", minimum=1),
             parent_ids=ids("parent_ids"), candidate_ids=ids("candidate_ids"), kept_ids=ids("kept_ids"),
             previous_best=_check.number(d["previous_best"], f"{where}.previous_best"),
-            best_reward=_check.number(d["best_reward"], f"{where}.best_reward", optional=True),
+            best_reward=_check.optional_number(d["best_reward"], f"{where}.best_reward"),
             improved=d["improved"],
         )
 

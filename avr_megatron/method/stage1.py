@@ -91,11 +91,21 @@ def best_improvement(tree: RefinementTree) -> RefinementNode | None:
     return None if i is None else root.children[i]
 
 
-def _best_criticism(root: RefinementNode, r0: float) -> tuple[list[tuple[int, list[RefinementNode]]], list[float], int | None]:
-    """Criticism groups of y0, their values and the index (in the group list) of the best one."""
-    groups = root.criticism_groups()
-    values = [criticism_value(rewards_of(children), r0) for _, children in groups]
-    return groups, values, argmax(values)  # every group has >= 1 child, so no value is None
+def _criticism_values(root: RefinementNode, r0: float) -> tuple[list[list[RefinementNode]], list[float]]:
+    """The children of y0 grouped by criticism (index order) and each criticism's value."""
+    groups = [children for _, children in root.criticism_groups()]
+    values = []
+    for children in groups:
+        value = criticism_value(rewards_of(children), r0)
+        assert value is not None  # a group has at least one child
+        values.append(value)
+    return groups, values
+
+
+def _text_of_criticism(node: RefinementNode) -> str:
+    if node.criticism is None:
+        raise ValueError(f"node {node.id!r}: an improvement without its criticism")
+    return node.criticism
 
 
 def _pair(tree: RefinementTree, pair_type: str, prompt: list[Message], chosen: str, rejected: str,
@@ -112,18 +122,20 @@ def rsft_example(tree: RefinementTree, filters: FilterConfig = FilterConfig()) -
     """The RSFT conversation `[*x, y0, criticise, c, improve, y_best]` when the best improvement
     beats y0 and passes the length filter; otherwise (None, reason)."""
     root, r0 = _complete_root(tree)
-    best = best_improvement(tree)
-    if best is None:
+    rewards = rewards_of(root.children)
+    i = argmax(rewards)
+    if i is None:
         return None, "rsft:no_improvement"
-    assert best.reward is not None and best.criticism is not None
-    if best.reward <= r0:
+    best = root.children[i]
+    if not rewards[i] > r0:
         return None, "rsft:no_gain"
     if length_reason(best.answer, root.answer, filters):
         return None, "rsft:length"
-    messages = [*tree.templates.improve_turns(tree.x, root.answer, best.criticism), message("assistant", best.answer)]
+    turns = tree.templates.improve_turns(tree.x, root.answer, _text_of_criticism(best))
     record = sft_record(
         id=make_key(tree.prompt_id, STAGE, "rsft"), kind="rsft", stage=1, prompt_id=tree.prompt_id,
-        messages=messages, round=1, reward=best.reward, reward_base=r0, provenance=tree.provenance,
+        messages=[*turns, message("assistant", best.answer)], round=1, reward=rewards[i], reward_base=r0,
+        provenance=tree.provenance,
     )
     return record, None
 
@@ -152,60 +164,59 @@ def preference_pairs(tree: RefinementTree, filters: FilterConfig = FilterConfig(
     rejected: list[str] = []
 
     # Response pair.
-    best = best_improvement(tree)
-    if best is None:
+    rewards = rewards_of(root.children)
+    i = argmax(rewards)
+    if i is None:
         rejected.append("response:no_improvement")
-    elif best.reward <= r0:  # type: ignore[operator]
+    elif not rewards[i] > r0:
         rejected.append("response:no_gain")
-    elif best.answer == y0:
+    elif root.children[i].answer == y0:
         rejected.append("response:same_text")
-    elif _repetitive(filters, best.answer, y0):
+    elif _repetitive(filters, root.children[i].answer, y0):
         rejected.append("response:repetition")
     else:
-        pairs.append(_pair(tree, "response", list(x), best.answer, y0, best.reward, r0))  # type: ignore[arg-type]
+        pairs.append(_pair(tree, "response", list(x), root.children[i].answer, y0, rewards[i], r0))
 
     # Criticism pair.
-    groups, values, b = _best_criticism(root, r0)
+    groups, values = _criticism_values(root, r0)
+    b = argmax(values)
     w = argmin(values, exclude=b)
     if b is None or w is None:
         rejected.append("criticism:too_few")
     else:
-        c_best, c_worst = groups[b][1][0].criticism, groups[w][1][0].criticism
-        assert c_best is not None and c_worst is not None
-        if not values[b] > values[w]:  # type: ignore[operator]
+        c_best, c_worst = _text_of_criticism(groups[b][0]), _text_of_criticism(groups[w][0])
+        if not values[b] > values[w]:
             rejected.append("criticism:no_strict_order")
         elif c_best == c_worst:
             rejected.append("criticism:same_text")
-        elif max(rewards_of(groups[b][1])) < r0:
+        elif max(rewards_of(groups[b])) < r0:
             rejected.append("criticism:best_child_below_base")
         elif _repetitive(filters, c_best, c_worst):
             rejected.append("criticism:repetition")
         else:
             prompt = [*x, message("assistant", y0), message("user", t.criticise)]
-            pairs.append(_pair(tree, "criticism", prompt, c_best, c_worst, values[b], values[w]))  # type: ignore[arg-type]
+            pairs.append(_pair(tree, "criticism", prompt, c_best, c_worst, values[b], values[w]))
 
     # Improvement pair, under the best criticism.
     if b is None:
         rejected.append("improvement:no_criticism")
     else:
-        children = groups[b][1]
-        rewards = rewards_of(children)
-        hi = argmax(rewards)
-        lo = argmin(rewards, exclude=hi)
-        if lo is None:
+        children = groups[b]
+        child_rewards = rewards_of(children)
+        hi = argmax(child_rewards)
+        lo = argmin(child_rewards, exclude=hi)
+        if hi is None or lo is None:
             rejected.append("improvement:too_few")
+        elif not child_rewards[hi] > child_rewards[lo]:
+            rejected.append("improvement:no_strict_order")
+        elif child_rewards[lo] == r0:
+            rejected.append("improvement:rejected_equals_base")
+        elif children[hi].answer == children[lo].answer:
+            rejected.append("improvement:same_text")
+        elif _repetitive(filters, children[hi].answer, children[lo].answer):
+            rejected.append("improvement:repetition")
         else:
-            chosen, worse = children[hi], children[lo]  # type: ignore[index]
-            assert chosen.reward is not None and worse.reward is not None and chosen.criticism is not None
-            if not chosen.reward > worse.reward:
-                rejected.append("improvement:no_strict_order")
-            elif worse.reward == r0:
-                rejected.append("improvement:rejected_equals_base")
-            elif chosen.answer == worse.answer:
-                rejected.append("improvement:same_text")
-            elif _repetitive(filters, chosen.answer, worse.answer):
-                rejected.append("improvement:repetition")
-            else:
-                prompt = t.improve_turns(x, y0, chosen.criticism)
-                pairs.append(_pair(tree, "improvement", prompt, chosen.answer, worse.answer, chosen.reward, worse.reward))
+            prompt = t.improve_turns(x, y0, _text_of_criticism(children[hi]))
+            pairs.append(_pair(tree, "improvement", prompt, children[hi].answer, children[lo].answer,
+                               child_rewards[hi], child_rewards[lo]))
     return pairs, rejected

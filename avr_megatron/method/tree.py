@@ -110,7 +110,7 @@ class RefinementNode:
             "criticism_tries", "criticism_key", "sample_key", "children", "counters",
         )
         d = _check.mapping(d, where, names)
-        crit = _check.string(d["criticism"], f"{where}.criticism", optional=True)
+        crit = _check.optional_string(d["criticism"], f"{where}.criticism")
         node = cls(
             id=_check.string(d["id"], f"{where}.id"),
             answer=check_text(d["answer"], f"{where}.answer"),
@@ -118,10 +118,10 @@ class RefinementNode:
             reward=None if d["reward"] is None else check_reward(d["reward"], f"{where}.reward"),
             criticism=None if crit is None else check_text(crit, f"{where}.criticism"),
             rating=_rating(d["rating"], f"{where}.rating"),
-            criticism_index=_check.integer(d["criticism_index"], f"{where}.criticism_index", minimum=0, optional=True),
-            criticism_tries=_check.integer(d["criticism_tries"], f"{where}.criticism_tries", minimum=1, optional=True),
-            criticism_key=_check.string(d["criticism_key"], f"{where}.criticism_key", optional=True),
-            sample_key=_check.string(d["sample_key"], f"{where}.sample_key", optional=True),
+            criticism_index=_check.optional_integer(d["criticism_index"], f"{where}.criticism_index", minimum=0),
+            criticism_tries=_check.optional_integer(d["criticism_tries"], f"{where}.criticism_tries", minimum=1),
+            criticism_key=_check.optional_string(d["criticism_key"], f"{where}.criticism_key"),
+            sample_key=_check.optional_string(d["sample_key"], f"{where}.sample_key"),
             counters=_check.counters(d["counters"], f"{where}.counters"),
         )
         children = _check.sequence(d["children"], f"{where}.children")
@@ -206,7 +206,7 @@ class RefinementTree:
 
 
 def _rating(value: Any, where: str) -> int | None:
-    rating = _check.integer(value, where, minimum=1, optional=True)
+    rating = _check.optional_integer(value, where, minimum=1)
     if rating is not None and rating > 10:
         raise ValueError(f"{where}: a rating is 1..10, got {rating}")
     return rating

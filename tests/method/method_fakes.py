@@ -4,9 +4,12 @@ and reward is a pure function of (seed, request key, sample index, text), so run
 from __future__ import annotations
 
 import hashlib
+import re
 
+from avr_megatron.method.frontier import run_frontier
 from avr_megatron.method.prompts import PromptTemplates
 from avr_megatron.method.requests import GenerateRequest, ScoreRequest
+from avr_megatron.method.search import RefinementSearch, SearchResult
 from avr_megatron.method.tree import Provenance
 
 PROVENANCE = Provenance("policy-test", "rm-test")
@@ -53,3 +56,31 @@ class FakeEngine:
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         self.score_calls.append(list(requests))
         return [self.reward(r.messages[-1]["content"]) for r in requests]
+
+
+_KEY = re.compile(r"/r(\d+)/b(\d+)/c(\d+)/improve#(\d+)")
+
+
+class Scripted(FakeEngine):
+    """Improvement rewards come from a table keyed by node id ("r1/b0/c0/y1"); unlisted ones get
+    `default`. Texts embed their key, so the id is recoverable from the text."""
+
+    def __init__(self, table, default=-10.0, **kw):
+        super().__init__(**kw)
+        self.table, self.default = table, default
+
+    def reward(self, text):
+        m = _KEY.search(text)
+        if m is None:
+            return 0.0  # y0
+        r, b, c, j = m.groups()
+        return self.table.get(f"r{r}/b{b}/c{c}/y{j}", self.default)
+
+
+def search(engine: FakeEngine, **kw) -> SearchResult:
+    """Run a search of prompt 'q' from y0 = 'first' (reward 0 under Scripted) to the end."""
+    args = dict(k=2, m=2, provenance=PROVENANCE)
+    args.update(kw)
+    s = RefinementSearch("q", X, "first", None, **args)
+    run_frontier([s], engine.generate, engine.score)
+    return s.result

@@ -35,7 +35,7 @@ def test_non_strings_give_none(value):
     assert extract_rating(value) is None
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.text(), st.integers(1, 10), st.text(alphabet="abc .!\n"))
 def test_appended_rating_wins_and_never_raises(prefix, n, suffix):
     assert extract_rating(prefix + f"[[{n}]]" + suffix) == n

@@ -28,7 +28,7 @@ def test_criticism_value_is_mean_improvement_reward():
 finite = st.floats(-100, 100, allow_nan=False)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.lists(finite, min_size=1, max_size=4), min_size=2, max_size=4), finite)
 def test_ranking_by_mean_child_reward_equals_ranking_by_value(groups, parent):
     values = [criticism_value(g, parent) for g in groups]

@@ -180,7 +180,7 @@ def drive(machine, engine, *, one_by_one=False):
     return machine
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(st.integers(0, 10**6), st.sampled_from([0.0, 0.4, 0.95]), st.sampled_from([0.0, 0.3]), st.integers(1, 3), st.integers(1, 3))
 def test_builder_is_deterministic_and_order_independent(seed, p_no_rating, p_blank, k, m):
     engine = FakeEngine(seed, p_no_rating, p_blank)
@@ -334,7 +334,7 @@ values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.0])
 texts = st.sampled_from(["short", "a different answer", "again " * 60, "x" * 500])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(values, st.lists(st.lists(values, min_size=1, max_size=3), max_size=3), st.data())
 def test_pair_invariants(r0, groups, data):
     crits = [data.draw(st.sampled_from(["c1 [[3]]", "c2 [[6]]", "loop " * 60 + "[[1]]"])) for _ in groups]
