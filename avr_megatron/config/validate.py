@@ -175,7 +175,7 @@ def _synth(cfg: AvrConfig) -> list[str]:
             errs.append(f"{key}.max_model_len={e.max_model_len} must be >= 1 (or null)")
         if e.timeout_s <= 0:
             errs.append(f"{key}.timeout_s={e.timeout_s} must be > 0")
-        if e.backend == "server" and e.base_url is not None and not e.base_url.startswith(("http://", "https://")):
+        if e.base_url is not None and not e.base_url.startswith(("http://", "https://")):
             errs.append(f"{key}.base_url={e.base_url!r} must start with http:// or https://")
     errs += _choice(s.input.format, "synth.input.format", ("auto", "jsonl", "parquet", "disk", "hub"))
     if s.input.limit is not None and s.input.limit < 1:

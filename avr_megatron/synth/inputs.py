@@ -54,7 +54,8 @@ class LoadedInput:
     invalid: list[InvalidRecord]
     rows: int
     shard: tuple[int, int] = (0, 1)
-    # Digest of the valid records (ids, prompts, answers): a resumed run checks it is the same input.
+    # Digest of all valid records of the source (ids, prompts, answers, in every shard): a resumed
+    # run or another shard checks it reads the same input.
     digest: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -193,6 +194,8 @@ def _prompt(value: Any, name: str) -> list[Message]:
         except ValueError as e:
             raise _Invalid(name, str(e)) from None
         return [message("user", value)]
+    if not isinstance(value, (list, tuple)):
+        raise _Invalid(name, f"{name}: expected a string or a list of messages, got {type(value).__name__}")
     try:
         return validate_conversation(value, name, last_role="user")
     except ValueError as e:
@@ -267,7 +270,7 @@ def load_prompts(cfg: SynthInputConfig, shard: tuple[int, int] = (0, 1)) -> Load
     source (the first occurrence is kept), so shards agree on which rows are valid."""
     source, rows = iter_source_rows(cfg)
     i, n = shard
-    records: list[PromptRecord] = []
+    every: list[PromptRecord] = []
     invalid: list[InvalidRecord] = []
     first_row: dict[str, int] = {}
     count = 0
@@ -284,6 +287,7 @@ def load_prompts(cfg: SynthInputConfig, shard: tuple[int, int] = (0, 1)) -> Load
             if index % n == i:
                 invalid.append(InvalidRecord(index, _row_id(row, cfg), e.field, e.reason))
             continue
-        if index % n == i:
-            records.append(record)
-    return LoadedInput(source, records, invalid, count, shard, _digest(records))
+        every.append(record)
+    records = [r for r in every if r.row % n == i]
+    # The digest covers every shard's records, so all shards of one run share one fingerprint.
+    return LoadedInput(source, records, invalid, count, shard, _digest(every))

@@ -2,7 +2,7 @@
 
 Layout of an output directory (one per stage):
 
-    <out>/data/part-<shard>-of-<N>-c<chunk>.parquet   one file per finished chunk of prompts
+    <out>/data/train-<shard>-of-<N>-c<chunk>.parquet  one file per finished chunk of prompts
     <out>/manifest-<shard>-of-<N>.json                 fingerprint, progress, invalid records
     <out>/summary-<shard>-of-<N>.json, <out>/summary.json
 
@@ -109,7 +109,7 @@ class ShardStore:
         self.fmt = fmt
         self.fingerprint = {**fingerprint, "kind": kind, "num_shards": self.num_shards, "output_format": fmt}
         self.tag = f"{self.shard:05d}-of-{self.num_shards:05d}"
-        self._part = re.compile(rf"^part-{self.tag}-c(\d{{6}})\.{_EXT[fmt]}$")
+        self._part = re.compile(rf"^train-{self.tag}-c(\d{{6}})\.{_EXT[fmt]}$")
 
     @property
     def manifest_path(self) -> Path:
@@ -120,7 +120,7 @@ class ShardStore:
         return self.out / f"summary-{self.tag}.json"
 
     def part_path(self, chunk: int) -> Path:
-        return self.data / f"part-{self.tag}-c{chunk:06d}.{_EXT[self.fmt]}"
+        return self.data / f"train-{self.tag}-c{chunk:06d}.{_EXT[self.fmt]}"
 
     def open(self) -> None:
         """Check the directory holds this run (or nothing), then clear this shard's stale temp files."""
@@ -134,7 +134,7 @@ class ShardStore:
                     f"{self.out}: holds {path.name} from a run with a different configuration (differs in: {keys}). "
                     "Resume with the same recipe, shard count and input, or set synth.output_dir (or run.dir) "
                     "to a new directory.")
-        for tmp in self.data.glob(f".part-{self.tag}-*.tmp"):
+        for tmp in self.data.glob(f".train-{self.tag}-*.tmp"):
             tmp.unlink(missing_ok=True)
 
     def done_chunks(self) -> set[int]:
@@ -169,7 +169,7 @@ def output_parts(out_dir: str | Path) -> list[Path]:
     data = Path(out_dir) / "data"
     if not data.is_dir():
         return []
-    return sorted(p for p in data.iterdir() if p.name.startswith("part-") and p.suffix in (".parquet", ".jsonl"))
+    return sorted(p for p in data.iterdir() if p.name.startswith("train-") and p.suffix in (".parquet", ".jsonl"))
 
 
 def read_output(out_dir: str | Path, *, require_complete: bool = True, what: str = "output") -> list[dict[str, Any]]:
