@@ -233,3 +233,14 @@ def test_stage2_search_thoughts_and_pairs(tmp_path, tiny_models):
 
     summary, _, pairs = build_stage2([], read_output(tmp_path / "long_thoughts"), cfg_long)
     assert not pairs and summary.rejected == {"thought:length": 8}
+
+
+def test_jsonl_output_loads_with_datasets(tmp_path, tiny_models):
+    cfg = _cfg(tmp_path, tiny_models, "synth.input.limit=3", "synth.output_format=jsonl")
+    run_stage("stage1", cfg)
+    from datasets import load_dataset
+
+    ds = load_dataset(str(stage_dir(cfg, "stage1")), split="train")
+    assert ds.num_rows == 3 and ds["prompt_id"] == ["tiny-000", "tiny-001", "tiny-002"]
+    written = pairs_stage1(cfg)["outputs"]
+    assert written["preference"]["path"].endswith("train.jsonl")
