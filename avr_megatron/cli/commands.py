@@ -25,6 +25,16 @@ COMMANDS: list[Command] = [
             takes_recipe=False),
     Command(("smoke",), "train on synthetic counting sequences: checks an install or a layout",
             "avr_megatron.cli.smoke:run"),
+    Command(("synth", "stage1"), "stage-1 refinement trees: k criticisms x m improvements of y0, scored",
+            "avr_megatron.synth.cli:synth_stage1", "avr_megatron.synth.cli:add_shard_argument"),
+    Command(("synth", "stage2"), "stage-2 multi-round refinement search with the stage-1 model",
+            "avr_megatron.synth.cli:synth_stage2", "avr_megatron.synth.cli:add_shard_argument"),
+    Command(("synth", "thoughts"), "sample long thoughts from the thought-SFT model and score their final answers",
+            "avr_megatron.synth.cli:synth_thoughts", "avr_megatron.synth.cli:add_shard_argument"),
+    Command(("pairs", "stage1"), "RSFT conversations and the three preference pair types from stage-1 trees",
+            "avr_megatron.synth.cli:pairs_stage1"),
+    Command(("pairs", "stage2"), "long-thought SFT examples and best-vs-worst thought pairs from stage-2 output",
+            "avr_megatron.synth.cli:pairs_stage2"),
 ]
 
 

@@ -9,7 +9,7 @@ merged onto it, and `avr_megatron.config.validate` checks cross-key rules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
 
 @dataclass
@@ -123,6 +123,152 @@ class TrainConfig:
 
 
 @dataclass
+class SynthEngineConfig:
+    """One model for synthesis: the policy (chat) or the reward model."""
+
+    # transformers (CPU and small runs) | vllm (offline vllm.LLM in-process) | server (an already
+    # running OpenAI-compatible vLLM server at base_url).
+    backend: str = "transformers"
+    # Local directory or hub name (transformers, vllm); the served model name (server).
+    model: Optional[str] = None
+    # Name recorded in every record's provenance; None: `model`.
+    name: Optional[str] = None
+    # auto | float32 | bfloat16 | float16 (transformers, vllm).
+    dtype: str = "auto"
+    # transformers: auto (cuda when present) | cpu | cuda | cuda:N; rows per forward pass.
+    device: str = "auto"
+    batch_size: int = 32
+    # vllm: vllm.LLM arguments. The policy and the reward model share the GPU(s) in one
+    # process, so each takes a share of the memory.
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.45
+    max_model_len: Optional[int] = None
+    enforce_eager: bool = False
+    # server: the server root (http://host:8000; a trailing /v1 is accepted), the environment
+    # variable holding the API key (never the key itself), concurrent HTTP requests, timeout.
+    base_url: Optional[str] = None
+    api_key_env: Optional[str] = None
+    max_concurrency: int = 64
+    timeout_s: float = 600.0
+
+
+@dataclass
+class SynthFieldsConfig:
+    """Which source columns hold what. `prompt`: a string (one user turn) or a list of
+    {role, content} messages ending with a user turn."""
+
+    # None: ids are the row numbers ("row-<n>").
+    id: Optional[str] = None
+    prompt: str = "prompt"
+    # Optional first answer y0: a string, or a conversation ending with the assistant's answer.
+    # None: y0 is sampled from the policy.
+    answer: Optional[str] = None
+    # Optional system prompt (a string) put before the prompt.
+    system: Optional[str] = None
+    # Optional plain SFT conversation (ending with an assistant turn, or a string answering the
+    # prompt) for `synth.pairs.mix_source_sft`.
+    sft: Optional[str] = None
+
+
+@dataclass
+class SynthInputConfig:
+    # A JSONL/JSON or Parquet file, a directory of such files, a `save_to_disk` dataset
+    # directory, or a hub dataset name (needs a reachable hub).
+    path: Optional[str] = None
+    # auto | jsonl | parquet | disk | hub
+    format: str = "auto"
+    split: str = "train"
+    fields: SynthFieldsConfig = field(default_factory=SynthFieldsConfig)
+    # Use only the first `limit` rows.
+    limit: Optional[int] = None
+
+
+@dataclass
+class SynthSamplingConfig:
+    # The reference sampled criticisms and improvements at temperature 0.7, top_p 0.8.
+    # Per-request seeds derive from run.seed and each request's key.
+    temperature: float = 0.7
+    top_p: float = 0.8
+    max_tokens: int = 2048
+
+
+@dataclass
+class SynthStage1Config:
+    # Criticisms of y0, improvements per criticism (reference 2 x 2).
+    k: int = 2
+    m: int = 2
+
+
+@dataclass
+class SynthStage2Config:
+    k: int = 2
+    m: int = 2
+    max_rounds: int = 5
+    # 1 is the paper's greedy search; > 1 keeps the top-b answers of each round.
+    beam_width: int = 1
+
+
+@dataclass
+class SynthThoughtsConfig:
+    # `avr synth thoughts`: thoughts sampled per prompt from the thought-SFT model
+    # (reference: 5 at temperature 0.7).
+    num_samples: int = 5
+    temperature: float = 0.7
+    top_p: float = 0.8
+    max_tokens: int = 4096
+    # `avr pairs stage2`: drop a pair whose best final answer is longer than the worst's.
+    length_control: bool = True
+
+
+@dataclass
+class SynthFiltersConfig:
+    repetition_threshold: int = 60
+    length_extra_chars: int = 400
+    length_ratio: float = 1.2
+    # Beyond the note: also apply the repetition filter to thought SFT examples and thought pairs.
+    filter_thoughts: bool = False
+
+
+@dataclass
+class SynthPairsConfig:
+    # Mix the source dataset's own SFT conversations (synth.input.fields.sft) into the RSFT data,
+    # as the reference did.
+    mix_source_sft: bool = False
+
+
+@dataclass
+class SynthConfig:
+    policy: SynthEngineConfig = field(default_factory=SynthEngineConfig)
+    reward: SynthEngineConfig = field(default_factory=SynthEngineConfig)
+    input: SynthInputConfig = field(default_factory=SynthInputConfig)
+    sampling: SynthSamplingConfig = field(default_factory=SynthSamplingConfig)
+    stage1: SynthStage1Config = field(default_factory=SynthStage1Config)
+    stage2: SynthStage2Config = field(default_factory=SynthStage2Config)
+    thoughts: SynthThoughtsConfig = field(default_factory=SynthThoughtsConfig)
+    filters: SynthFiltersConfig = field(default_factory=SynthFiltersConfig)
+    pairs: SynthPairsConfig = field(default_factory=SynthPairsConfig)
+    # Overrides of the prompt wording (fields of avr_megatron.method.prompts.PromptTemplates).
+    templates: Dict[str, str] = field(default_factory=dict)
+    # Criticism samples per slot until one has a [[n]] rating; y0 samples while blank.
+    max_rating_tries: int = 5
+    max_answer_tries: int = 5
+    # Prompts per frontier round: every pending request of these prompts goes to the engine
+    # together; a finished chunk is one output file (what a kill can lose at most).
+    chunk_size: int = 64
+    # parquet | jsonl
+    output_format: str = "parquet"
+    # Root of the synthesis outputs (stage1/, stage2/, thoughts/); None: <run.dir>/synth.
+    output_dir: Optional[str] = None
+    # Root of the SFT / preference datasets `avr pairs` writes; None: <run.dir>/data.
+    data_dir: Optional[str] = None
+    # TEST MODELS ONLY. A criticism without a parsable [[n]] rating gets a rating appended (a
+    # deterministic pseudo-random 1..10, marked in the text) instead of being resampled/dropped.
+    # Random tiny models almost never write `[[n]]`; every firing is counted in the summary.
+    rating_fallback: bool = False
+    progress: bool = True
+
+
+@dataclass
 class AvrConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -131,3 +277,4 @@ class AvrConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)

@@ -154,6 +154,67 @@ def _training(cfg: AvrConfig) -> list[str]:
     return errs
 
 
+SYNTH_BACKENDS = ("transformers", "vllm", "server")
+
+
+@rule
+def _synth(cfg: AvrConfig) -> list[str]:
+    """Shape of the synth section. That the models are set is checked by the synth commands
+    (recipes that only train need no synth models)."""
+    s, errs = cfg.synth, []
+    for role in ("policy", "reward"):
+        e, key = getattr(s, role), f"synth.{role}"
+        errs += _choice(e.backend, f"{key}.backend", SYNTH_BACKENDS)
+        errs += _choice(e.dtype, f"{key}.dtype", ("auto", "float32", "bfloat16", "float16"))
+        for name in ("batch_size", "tensor_parallel_size", "max_concurrency"):
+            if getattr(e, name) < 1:
+                errs.append(f"{key}.{name}={getattr(e, name)} must be >= 1")
+        if not 0 < e.gpu_memory_utilization <= 1:
+            errs.append(f"{key}.gpu_memory_utilization={e.gpu_memory_utilization} must be in (0, 1]")
+        if e.max_model_len is not None and e.max_model_len < 1:
+            errs.append(f"{key}.max_model_len={e.max_model_len} must be >= 1 (or null)")
+        if e.timeout_s <= 0:
+            errs.append(f"{key}.timeout_s={e.timeout_s} must be > 0")
+        if e.base_url is not None and not e.base_url.startswith(("http://", "https://")):
+            errs.append(f"{key}.base_url={e.base_url!r} must start with http:// or https://")
+    errs += _choice(s.input.format, "synth.input.format", ("auto", "jsonl", "parquet", "disk", "hub"))
+    if s.input.limit is not None and s.input.limit < 1:
+        errs.append(f"synth.input.limit={s.input.limit} must be >= 1 (or null)")
+    errs += _choice(s.output_format, "synth.output_format", ("parquet", "jsonl"))
+    for key, value in (("synth.stage1.k", s.stage1.k), ("synth.stage1.m", s.stage1.m),
+                       ("synth.stage2.k", s.stage2.k), ("synth.stage2.m", s.stage2.m),
+                       ("synth.stage2.max_rounds", s.stage2.max_rounds),
+                       ("synth.stage2.beam_width", s.stage2.beam_width),
+                       ("synth.thoughts.num_samples", s.thoughts.num_samples),
+                       ("synth.max_rating_tries", s.max_rating_tries),
+                       ("synth.max_answer_tries", s.max_answer_tries), ("synth.chunk_size", s.chunk_size)):
+        if value < 1:
+            errs.append(f"{key}={value} must be >= 1")
+    if s.thoughts.num_samples == 1:
+        errs.append("synth.thoughts.num_samples=1: a best-vs-worst pair needs at least 2 thoughts per prompt")
+    # The method's own checks (sampling, filters, prompt wording) with their messages.
+    from avr_megatron.method.filters import FilterConfig
+    from avr_megatron.method.prompts import PromptTemplates
+    from avr_megatron.method.requests import SamplingParams
+
+    f = s.filters
+    checks = (
+        (lambda: SamplingParams(s.sampling.temperature, s.sampling.top_p, s.sampling.max_tokens), "synth.sampling"),
+        (lambda: SamplingParams(s.thoughts.temperature, s.thoughts.top_p, s.thoughts.max_tokens), "synth.thoughts"),
+        (lambda: FilterConfig(f.repetition_threshold, f.length_extra_chars, f.length_ratio), "synth.filters"),
+        (lambda: PromptTemplates.from_dict(dict(s.templates), "synth.templates"), None),
+    )
+    for check, prefix in checks:
+        try:
+            check()
+        except ValueError as e:
+            msg = str(e)
+            if prefix is not None:
+                msg = msg.replace("sampling.", f"{prefix}.", 1).replace("filters.", f"{prefix}.", 1)
+            errs.append(msg)
+    return errs
+
+
 def validate_config(cfg: AvrConfig) -> AvrConfig:
     errors = [msg for check in RULES for msg in check(cfg)]
     if errors:

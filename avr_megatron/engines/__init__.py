@@ -1,0 +1,1 @@
+"""Engines: batched chat generation and reward scoring behind one small interface."""

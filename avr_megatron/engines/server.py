@@ -1,0 +1,155 @@
+"""Client for models already served by vLLM's OpenAI-compatible server (`vllm serve`), for users who
+run the policy and the reward model as separate services.
+
+- generation: `POST {base_url}/v1/chat/completions` with `n`, `seed`, `temperature`, `top_p`,
+  `max_tokens` (the server applies the model's chat template);
+- reward: `POST {base_url}/classify` (vLLM's classification API, served for
+  `*ForSequenceClassification` models) with the chat `messages` and `use_activation: false`, so
+  the answer is the raw logit, not sigmoid(logit).
+
+A frontier batch becomes concurrent HTTP requests (at most `max_concurrency` in flight) that the
+server batches itself. Connection failures and 5xx answers are retried with backoff; a 4xx answer
+raises with the server's message, except "maximum context length" rejections of generation
+requests, which become empty texts (counted in `stats`) as in the offline backends.
+Standard library only (urllib), so the client works in any environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from avr_megatron.method.requests import GenerateRequest, ScoreRequest
+
+_CONTEXT_TOO_LONG = "maximum context length"
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _root(base_url: str) -> str:
+    url = base_url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+class _Client:
+    def __init__(self, base_url: str, model: str, *, api_key: str | None, api_key_env: str | None,
+                 max_concurrency: int, timeout_s: float, max_retries: int) -> None:
+        if not base_url:
+            raise ValueError("base_url: the server address is required (e.g. http://127.0.0.1:8000)")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency: expected >= 1, got {max_concurrency}")
+        self.root = _root(base_url)
+        self.model = model
+        key = api_key or (os.environ.get(api_key_env) if api_key_env else None)
+        self.headers = {"Content-Type": "application/json"}
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
+        self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
+
+    def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        url = self.root + path
+        body = json.dumps(payload).encode()
+        for attempt in range(self.max_retries + 1):
+            request = urllib.request.Request(url, data=body, headers=self.headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:2000]
+                if e.code < 500 or attempt == self.max_retries:
+                    raise ServerError(f"POST {url}: HTTP {e.code}: {detail}") from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+                if attempt == self.max_retries:
+                    raise ServerError(f"POST {url}: {e} (after {attempt + 1} attempts)") from None
+            time.sleep(min(2.0 ** attempt, 30.0))
+        raise AssertionError("unreachable")
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
+            return list(pool.map(fn, items))
+
+
+class ServerChatEngine:
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, api_key_env: str | None = None,
+                 max_concurrency: int = 64, timeout_s: float = 600.0, max_retries: int = 3,
+                 name: str | None = None) -> None:
+        self.client = _Client(base_url, model, api_key=api_key, api_key_env=api_key_env,
+                              max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries)
+        self.name = name or model
+        self.stats = {"calls": 0, "requests": 0, "samples": 0, "prompt_tokens": 0, "generated_tokens": 0,
+                      "prompt_too_long": 0}
+
+    def close(self) -> None:
+        pass
+
+    def _one(self, r: GenerateRequest) -> tuple[list[str], dict[str, int]]:
+        s = r.sampling
+        payload: dict[str, Any] = {
+            "model": self.client.model, "messages": [dict(m) for m in r.messages], "n": r.n,
+            "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+        }
+        if s.seed is not None:
+            payload["seed"] = s.seed
+        try:
+            answer = self.client.post("/v1/chat/completions", payload)
+        except ServerError as e:
+            if _CONTEXT_TOO_LONG in str(e) and "HTTP 400" in str(e):
+                return [""] * r.n, {"prompt_too_long": r.n}
+            raise
+        choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
+        if len(choices) != r.n:
+            raise ServerError(f"request {r.key!r}: asked for n={r.n} choices, the server returned {len(choices)}")
+        texts = [(c.get("message") or {}).get("content") or "" for c in choices]
+        usage = answer.get("usage") or {}
+        return texts, {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                       "generated_tokens": int(usage.get("completion_tokens") or 0)}
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[list[str]]:
+        answers = self.client.map(self._one, list(requests))
+        for _, counts in answers:
+            for k, v in counts.items():
+                self.stats[k] += v
+        self.stats["calls"] += 1
+        self.stats["requests"] += len(requests)
+        self.stats["samples"] += sum(r.n for r in requests)
+        return [texts for texts, _ in answers]
+
+
+class ServerRewardEngine:
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, api_key_env: str | None = None,
+                 max_concurrency: int = 64, timeout_s: float = 600.0, max_retries: int = 3,
+                 name: str | None = None) -> None:
+        self.client = _Client(base_url, model, api_key=api_key, api_key_env=api_key_env,
+                              max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries)
+        self.name = name or model
+        self.stats = {"calls": 0, "requests": 0, "tokens": 0}
+
+    def close(self) -> None:
+        pass
+
+    def _one(self, r: ScoreRequest) -> tuple[float, int]:
+        payload = {"model": self.client.model, "messages": [dict(m) for m in r.messages], "use_activation": False}
+        answer = self.client.post("/classify", payload)
+        data = answer.get("data") or []
+        if len(data) != 1 or len(data[0].get("probs") or []) != 1:
+            raise ServerError(f"request {r.key!r}: expected one sequence with one score from /classify (a 1-label "
+                              f"reward model), got {json.dumps(data)[:300]}")
+        usage = answer.get("usage") or {}
+        return float(data[0]["probs"][0]), int(usage.get("prompt_tokens") or 0)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
+        answers = self.client.map(self._one, list(requests))
+        self.stats["calls"] += 1
+        self.stats["requests"] += len(requests)
+        self.stats["tokens"] += sum(t for _, t in answers)
+        return [v for v, _ in answers]

@@ -1,0 +1,1 @@
+"""AvR data synthesis: input loading, frontier-batched stages, sharded resumable output, pairs."""

@@ -1,0 +1,219 @@
+"""The synthesis driver: one shard of one stage, chunk by chunk, with frontier batching.
+
+Each chunk of `synth.chunk_size` prompts becomes one set of state machines driven by
+`run_frontier`: every engine call carries the pending requests of all prompts of the chunk
+(criticisms of every prompt together, then every improvement, then every score), and the finished
+chunk is written as one atomic file. Killing the process loses at most the chunk in flight; a
+rerun skips finished chunks (see avr_megatron.synth.store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from avr_megatron.config.errors import ConfigError
+from avr_megatron.config.schema import AvrConfig
+from avr_megatron.method.frontier import run_frontier
+from avr_megatron.method.summary import RunSummary
+from avr_megatron.method.tree import Provenance
+from avr_megatron.synth.fallback import CriticismCounter
+from avr_megatron.synth.inputs import InvalidRecord, load_prompts
+from avr_megatron.synth.stages import STAGES, Stage, WorkItem, sampling_of, templates_of, thought_sampling_of
+from avr_megatron.synth.store import ShardStore, atomic_write_json, read_output
+
+log = logging.getLogger(__name__)
+
+
+def output_root(cfg: AvrConfig) -> Path:
+    return Path(cfg.synth.output_dir or Path(cfg.run.dir) / "synth")
+
+
+def stage_dir(cfg: AvrConfig, kind: str) -> Path:
+    return output_root(cfg) / kind
+
+
+def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
+    """This shard's work items, the invalid source records, and a description of the input."""
+    if kind in ("stage1", "stage2"):
+        loaded = load_prompts(cfg.synth.input, shard)
+        items = [WorkItem(r.row, r.prompt_id, r.x, r.y0, r.sft) for r in loaded.records]
+        fields = {k: v for k, v in vars(cfg.synth.input.fields).items()}
+        source = {"path": loaded.source, "fields": fields, "limit": cfg.synth.input.limit, "digest": loaded.digest}
+        return {"items": items, "invalid": loaded.invalid, "rows_read": loaded.rows, "source": source}
+    # thoughts: the prompts (and source rewards) of the finished stage-2 searches.
+    src = stage_dir(cfg, "stage2")
+    rows = read_output(src, what="stage-2 output (input of `avr synth thoughts`)")
+    i, n = shard
+    items = [WorkItem(r["row"], r["prompt_id"], r["x"], source_reward=r["reward_y0"])
+             for r in rows if r["status"] == "ok" and r["row"] % n == i]
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([[it.row, it.prompt_id, it.x, it.source_reward] for it in items]).encode())
+    return {"items": items, "invalid": [], "rows_read": len(rows),
+            "source": {"path": str(src), "digest": digest.hexdigest()}}
+
+
+def _provenance(kind: str, cfg: AvrConfig, policy_name: str, reward_name: str) -> Provenance:
+    sampling = thought_sampling_of(cfg) if kind == "thoughts" else sampling_of(cfg)
+    return Provenance(policy_name, reward_name, sampling)
+
+
+def _name(engine_cfg) -> str:
+    return engine_cfg.name or engine_cfg.model or "?"
+
+
+def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, engines: tuple | None = None,
+              out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) one shard of `kind`; returns the shard report (also saved and printed).
+    `engines` = (chat, reward) overrides the engines the recipe names (benchmarks, tests)."""
+    stage: Stage = STAGES[kind]
+    s = cfg.synth
+    for role in ("policy", "reward"):
+        if engines is None and not getattr(s, role).model:
+            raise ConfigError(f"synth.{role}.model is not set: `avr synth {kind}` needs a "
+                              f"{'chat model' if role == 'policy' else 'reward model'}")
+    work = _items(kind, cfg, shard)
+    items: list[WorkItem] = work["items"]
+    out = Path(out_dir) if out_dir is not None else stage_dir(cfg, kind)
+    store = ShardStore(out, kind=kind, shard=shard, fmt=s.output_format,
+                       fingerprint={**stage.fingerprint(cfg), "source": work["source"]})
+    store.open()
+    size = s.chunk_size
+    num_chunks = math.ceil(len(items) / size)
+    done = {c for c in store.done_chunks() if c < num_chunks}
+    invalid: list[InvalidRecord] = work["invalid"]
+    manifest = dict(source=work["source"], rows_read=work["rows_read"], prompts=len(items), chunk_size=size,
+                    chunks=num_chunks, invalid=[r.to_dict() for r in invalid])
+    store.write_manifest(**manifest, done_chunks=len(done), complete=False)
+    todo = [c for c in range(num_chunks) if c not in done]
+    started = time.time()
+    this_run: dict[str, Any] = {"chunks": len(todo), "prompts": 0, "engine_calls": 0}
+    if todo:
+        chat, reward = engines if engines is not None else _build_engines(cfg)
+        provenance = _provenance(kind, cfg, chat.name, reward.name)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), initial=sum(len(items[c * size:(c + 1) * size]) for c in done),
+                   unit="prompt", desc=f"synth {kind} {shard[0]}/{shard[1]}", disable=not s.progress)
+        try:
+            for c in todo:
+                chunk = items[c * size:(c + 1) * size]
+                machines = [stage.machine(item, provenance, cfg) for item in chunk]
+                counter = CriticismCounter(templates_of(cfg), s.rating_fallback)
+
+                def generate(requests, _counter=counter):
+                    return _counter(requests, [list(texts) for texts in chat.generate(requests)])
+
+                calls = run_frontier(machines, generate, reward.score)
+                rows = [stage.row(item, m, provenance, counter.samples[item.prompt_id], counter.fired[item.prompt_id])
+                        for item, m in zip(chunk, machines)]
+                store.write_chunk(c, rows, stage.schema())
+                done.add(c)
+                store.write_manifest(**manifest, done_chunks=len(done), complete=False)
+                this_run["prompts"] += len(chunk)
+                this_run["engine_calls"] += calls
+                bar.update(len(chunk))
+                bar.set_postfix(engine_calls=this_run["engine_calls"])
+        finally:
+            bar.close()
+            if engines is None:
+                chat.close()
+                reward.close()
+        this_run["engine_stats"] = {"policy": dict(getattr(chat, "stats", {})),
+                                    "reward": dict(getattr(reward, "stats", {}))}
+    this_run["seconds"] = round(time.time() - started, 3)
+    summary = stage.summarize(store.shard_rows(), cfg)
+    report = _report(kind, shard, cfg, summary, invalid, work, this_run)
+    atomic_write_json(store.summary_path, report)
+    store.write_manifest(**manifest, done_chunks=len(done), complete=True)
+    merged = merge_summaries(out)
+    if merged is not None:
+        atomic_write_json(out / "summary.json", merged)
+    print_report(report)
+    return report
+
+
+def _build_engines(cfg: AvrConfig):
+    from avr_megatron.engines.factory import build_chat_engine, build_reward_engine
+
+    chat = build_chat_engine(cfg.synth.policy, cfg.run.seed)
+    try:
+        reward = build_reward_engine(cfg.synth.reward, cfg.run.seed)
+    except BaseException:
+        chat.close()
+        raise
+    return chat, reward
+
+
+def _fallback_view(summary: RunSummary, enabled: bool) -> dict[str, Any]:
+    fired = summary.events.get("rating_fallback", 0)
+    samples = summary.events.get("criticism_samples", 0)
+    return {"enabled": enabled, "fired": fired, "criticism_samples": samples,
+            "rate": fired / samples if samples else None}
+
+
+def _report(kind: str, shard: tuple[int, int], cfg: AvrConfig, summary: RunSummary, invalid: list[InvalidRecord],
+            work: dict[str, Any], this_run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": kind, "shard": f"{shard[0]}/{shard[1]}", "source": work["source"].get("path"),
+        "rows_read": work["rows_read"],
+        "invalid": {"count": len(invalid), "records": [r.to_dict() for r in invalid]},
+        "rating_fallback": _fallback_view(summary, cfg.synth.rating_fallback),
+        "summary": summary.to_dict(), "report": summary.report(), "this_run": this_run,
+    }
+
+
+def merge_summaries(out: Path) -> dict[str, Any] | None:
+    """One summary over every shard summary present in `out` (None when there are none)."""
+    paths = sorted(out.glob("summary-*-of-*.json"))
+    if not paths:
+        return None
+    reports = [json.loads(p.read_text()) for p in paths]
+    total = RunSummary()
+    for r in reports:
+        total = total.merge(RunSummary.from_dict(r["summary"]))
+    invalid = [rec for r in reports for rec in r["invalid"]["records"]]
+    num = int(reports[0]["shard"].split("/")[1])
+    fallback = _fallback_view(total, any(r["rating_fallback"]["enabled"] for r in reports))
+    return {"kind": reports[0]["kind"], "shards": [r["shard"] for r in reports], "num_shards": num,
+            "complete": len(reports) == num, "rows_read": reports[0]["rows_read"],
+            "invalid": {"count": len(invalid), "records": sorted(invalid, key=lambda d: d["row"])},
+            "rating_fallback": fallback, "summary": total.to_dict(), "report": total.report()}
+
+
+def print_report(report: dict[str, Any], file=None) -> None:
+    """The end-of-run summary in a few readable lines."""
+    import sys
+
+    f = file or sys.stdout
+    r = report["report"]
+    w = f.write
+    w(f"\n== {report['kind']} summary ({report.get('shard', 'all shards')}) ==\n")
+    w(f"prompts: {r['prompts']}   trees/searches: {r['trees']}   failures: {r['failures'] or 'none'}\n")
+    inv = report.get("invalid", {})
+    if inv.get("count"):
+        ids = ", ".join(f"row {d['row']}" + (f" ({d['id']})" if d.get("id") else "") for d in inv["records"][:10])
+        more = f" and {inv['count'] - 10} more" if inv["count"] > 10 else ""
+        w(f"invalid input records: {inv['count']}: {ids}{more}\n")
+    fb = report.get("rating_fallback", {})
+    if fb.get("enabled") or fb.get("fired"):
+        rate = f"{100 * fb['rate']:.1f}%" if fb.get("rate") is not None else "n/a"
+        w(f"rating_fallback fired: {fb['fired']} of {fb['criticism_samples']} criticism samples ({rate})\n")
+    gains = r.get("mean_gain_by_round") or {}
+    if gains:
+        w("mean reward gain per round: " + "  ".join(f"r{k}: {v:+.4f}" for k, v in gains.items()) + "\n")
+    for output, row in (r.get("acceptance") or {}).items():
+        rate = f"{100 * row['rate']:.1f}%" if row["rate"] is not None else "n/a"
+        rules = ", ".join(f"{k}={v}" for k, v in row["rejected"].items()) or "-"
+        w(f"  {output:<12} accepted {row['accepted']:>6}  ({rate:>6})  rejected: {rules}\n")
+    pairs = r.get("pairs_by_type") or {}
+    w("pairs by type: " + "  ".join(f"{k}={v}" for k, v in pairs.items()) + "\n")
+    events = {k: v for k, v in (r.get("events") or {}).items()}
+    if events:
+        w("events: " + "  ".join(f"{k}={v}" for k, v in events.items()) + "\n")
+    f.flush()

@@ -1,0 +1,293 @@
+"""Synthesis input: prompts (and optional first answers / SFT conversations) from a JSONL or Parquet
+file, a directory of them, a `save_to_disk` dataset or a hub dataset, through the field mapping in
+`synth.input.fields`.
+
+Every source row becomes either a `PromptRecord` or an `InvalidRecord` (row number, id when one
+could be read, field, reason): bad rows never stop a run and never vanish silently. JSONL is read
+line by line (not through Arrow), so one malformed line or one row with the wrong types is one
+invalid record instead of a failed load. Shards partition rows by position (`row % N == i`), so
+`--shard i/N` runs are disjoint and together complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avr_megatron.config.errors import ConfigError
+from avr_megatron.config.schema import SynthInputConfig
+from avr_megatron.method.chat import Message, check_text, message, validate_conversation
+
+_JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz")
+_PARQUET_SUFFIXES = (".parquet",)
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    row: int
+    prompt_id: str
+    x: list[Message]
+    y0: str | None = None
+    # The source's own SFT conversation (ends with the assistant turn), for the RSFT mix-in.
+    sft: list[Message] | None = None
+
+
+@dataclass(frozen=True)
+class InvalidRecord:
+    row: int
+    prompt_id: str | None
+    field: str | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"row": self.row, "id": self.prompt_id, "field": self.field, "reason": self.reason}
+
+
+@dataclass
+class LoadedInput:
+    source: str
+    records: list[PromptRecord]
+    invalid: list[InvalidRecord]
+    rows: int
+    shard: tuple[int, int] = (0, 1)
+    # Digest of all valid records of the source (ids, prompts, answers, in every shard): a resumed
+    # run or another shard checks it reads the same input.
+    digest: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """`"i/N"` -> (i, N) with 0 <= i < N; None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    try:
+        i_text, n_text = text.split("/")
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text!r}: need 0 <= i < N")
+    return i, n
+
+
+def _files(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith((".", "_"))
+                   and p.name.endswith(_JSON_SUFFIXES + _PARQUET_SUFFIXES))
+    if not files:
+        raise ConfigError(f"synth.input.path={str(directory)!r}: no .jsonl/.json/.parquet files in this directory")
+    return files
+
+
+class _BadLine:
+    """A JSONL line that is not a JSON object (kept as a row so it is reported, not skipped)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _read_jsonl(path: Path) -> Iterator[Any]:
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if path.name.endswith(".json") and stripped.startswith("["):  # a JSON array file
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+        yield from rows
+        return
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            yield _BadLine(f"{path.name} line {n}: not valid JSON ({e.msg})")
+
+
+def _read_parquet(path: Path) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    yield from pq.read_table(path).to_pylist()
+
+
+def _is_disk_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+                              or (path / "state.json").exists())
+
+
+def _read_disk(path: Path, split: str) -> Iterator[Any]:
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise ConfigError(f"synth.input.split={split!r}: {path} has splits {sorted(ds)}")
+        ds = ds[split]
+    yield from ds
+
+
+def _read_hub(name: str, split: str) -> Iterator[Any]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, split=split)
+    except Exception as e:  # offline machines, unknown names: say what was tried
+        raise ConfigError(f"synth.input.path={name!r}: not a local file or directory, and loading it as a hub "
+                          f"dataset failed ({type(e).__name__}: {str(e)[:300]})") from None
+    yield from ds
+
+
+def iter_source_rows(cfg: SynthInputConfig) -> tuple[str, Iterator[Any]]:
+    """(a description of the source, its rows in order)."""
+    if not cfg.path:
+        raise ConfigError("synth.input.path is not set: give a JSONL/Parquet file or directory, a save_to_disk "
+                          "dataset directory, or a hub dataset name")
+    path = Path(cfg.path)
+    fmt = cfg.format
+    if fmt == "hub" or (fmt == "auto" and not path.exists()):
+        if fmt == "auto" and (path.suffix or cfg.path.startswith((".", "/"))):
+            raise ConfigError(f"synth.input.path={cfg.path!r}: no such file or directory")
+        return f"hub:{cfg.path}[{cfg.split}]", _read_hub(cfg.path, cfg.split)
+    if not path.exists():
+        raise ConfigError(f"synth.input.path={cfg.path!r}: no such file or directory")
+    if fmt == "disk" or (fmt == "auto" and _is_disk_dataset(path)):
+        return f"disk:{path}[{cfg.split}]", _read_disk(path, cfg.split)
+    files = _files(path) if path.is_dir() else [path]
+
+    def rows() -> Iterator[Any]:
+        for f in files:
+            as_parquet = fmt == "parquet" or (fmt == "auto" and f.name.endswith(_PARQUET_SUFFIXES))
+            if not as_parquet and fmt == "auto" and not f.name.endswith(_JSON_SUFFIXES):
+                raise ConfigError(f"{f}: cannot tell the format from the name; set synth.input.format")
+            yield from (_read_parquet(f) if as_parquet else _read_jsonl(f))
+
+    return str(path), rows()
+
+
+class _Invalid(Exception):
+    def __init__(self, field_name: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.field, self.reason = field_name, reason
+
+
+def _get(row: Mapping[str, Any], name: str) -> Any:
+    if name not in row:
+        raise _Invalid(name, f"field {name!r} is missing")
+    value = row[name]
+    if value is None:
+        raise _Invalid(name, f"field {name!r} is null")
+    return value
+
+
+def _prompt(value: Any, name: str) -> list[Message]:
+    if isinstance(value, str):
+        try:
+            check_text(value, name)
+        except ValueError as e:
+            raise _Invalid(name, str(e)) from None
+        return [message("user", value)]
+    if not isinstance(value, (list, tuple)):
+        raise _Invalid(name, f"{name}: expected a string or a list of messages, got {type(value).__name__}")
+    try:
+        return validate_conversation(value, name, last_role="user")
+    except ValueError as e:
+        raise _Invalid(name, str(e)) from None
+
+
+def _answer(value: Any, name: str) -> str:
+    """A string, or a conversation whose last turn is the assistant's answer."""
+    if not isinstance(value, str):
+        try:
+            conv = validate_conversation(value, name, last_role="assistant")
+        except ValueError as e:
+            raise _Invalid(name, str(e)) from None
+        value = conv[-1]["content"]
+    try:
+        return check_text(value, name)
+    except ValueError as e:
+        raise _Invalid(name, str(e)) from None
+
+
+def _sft(value: Any, name: str, x: list[Message]) -> list[Message]:
+    if isinstance(value, str):
+        return [*x, message("assistant", _answer(value, name))]
+    try:
+        return validate_conversation(value, name, last_role="assistant")
+    except ValueError as e:
+        raise _Invalid(name, str(e)) from None
+
+
+def parse_row(row: Any, index: int, cfg: SynthInputConfig) -> PromptRecord:
+    """One source row -> PromptRecord; raises _Invalid naming the field."""
+    f = cfg.fields
+    if isinstance(row, _BadLine):
+        raise _Invalid(None, row.reason)
+    if not isinstance(row, Mapping):
+        raise _Invalid(None, f"expected a JSON object / table row, got {type(row).__name__}")
+    prompt_id = f"row-{index}"
+    if f.id is not None:
+        raw = _get(row, f.id)
+        if isinstance(raw, bool) or not isinstance(raw, (str, int)) or (isinstance(raw, str) and not raw.strip()):
+            raise _Invalid(f.id, f"field {f.id!r}: expected a non-empty string or an integer, got {raw!r}")
+        prompt_id = str(raw)
+    x = _prompt(_get(row, f.prompt), f.prompt)
+    if f.system is not None:
+        system = _get(row, f.system)
+        if not isinstance(system, str) or not system.strip():
+            raise _Invalid(f.system, f"field {f.system!r}: expected a non-empty string, got {system!r}")
+        if x[0]["role"] == "system":
+            raise _Invalid(f.system, f"field {f.prompt!r} already starts with a system message")
+        x = [message("system", system), *x]
+    y0 = _answer(_get(row, f.answer), f.answer) if f.answer is not None else None
+    sft = _sft(_get(row, f.sft), f.sft, x) if f.sft is not None else None
+    return PromptRecord(index, prompt_id, x, y0, sft)
+
+
+def _row_id(row: Any, cfg: SynthInputConfig) -> str | None:
+    if cfg.fields.id is None or not isinstance(row, Mapping):
+        return None
+    raw = row.get(cfg.fields.id)
+    return None if raw is None else str(raw)
+
+
+def _digest(records: list[PromptRecord]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.row, r.prompt_id, r.x, r.y0, r.sft], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def load_prompts(cfg: SynthInputConfig, shard: tuple[int, int] = (0, 1)) -> LoadedInput:
+    """All rows, validated; then this shard's share. Duplicate ids are judged over the whole
+    source (the first occurrence is kept), so shards agree on which rows are valid."""
+    source, rows = iter_source_rows(cfg)
+    i, n = shard
+    every: list[PromptRecord] = []
+    invalid: list[InvalidRecord] = []
+    first_row: dict[str, int] = {}
+    count = 0
+    for index, row in enumerate(rows):
+        if cfg.limit is not None and index >= cfg.limit:
+            break
+        count += 1
+        try:
+            record = parse_row(row, index, cfg)
+            if record.prompt_id in first_row:
+                raise _Invalid(cfg.fields.id, f"duplicate id {record.prompt_id!r} (first at row {first_row[record.prompt_id]})")
+            first_row[record.prompt_id] = index
+        except _Invalid as e:
+            if index % n == i:
+                invalid.append(InvalidRecord(index, _row_id(row, cfg), e.field, e.reason))
+            continue
+        every.append(record)
+    records = [r for r in every if r.row % n == i]
+    # The digest covers every shard's records, so all shards of one run share one fingerprint.
+    return LoadedInput(source, records, invalid, count, shard, _digest(every))

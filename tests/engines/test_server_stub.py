@@ -1,0 +1,95 @@
+"""The server client against a minimal local HTTP stub that records what it was sent (the real
+vLLM server is covered by the vllm_cpu tests)."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from avr_megatron.engines.server import ServerChatEngine, ServerError, ServerRewardEngine
+from avr_megatron.method.requests import GenerateRequest, SamplingParams, ScoreRequest
+
+
+class _Stub(BaseHTTPRequestHandler):
+    calls: list = []
+    fail_first: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.calls.append((self.path, body, self.headers.get("Authorization")))
+        if self.fail_first.get(self.path):
+            self.fail_first[self.path] -= 1
+            return self._send(503, {"error": "busy"})
+        if self.path == "/v1/chat/completions":
+            last = body["messages"][-1]["content"]
+            if last == "too long":
+                return self._send(400, {"error": {"message": "This model's maximum context length is 1024 tokens."}})
+            if last == "bad":
+                return self._send(400, {"error": {"message": "bad request"}})
+            choices = [{"index": j, "message": {"role": "assistant", "content": f"{last}#{j}#{body.get('seed')}"}}
+                       for j in reversed(range(body["n"]))]
+            return self._send(200, {"choices": choices, "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+        if self.path == "/classify":
+            value = float(len(body["messages"][-1]["content"])) - 10.0
+            return self._send(200, {"data": [{"index": 0, "probs": [value], "num_classes": 1}],
+                                    "usage": {"prompt_tokens": 7}})
+        self._send(404, {"error": "no route"})
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def stub():
+    _Stub.calls, _Stub.fail_first = [], {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_chat_completions_payload_order_and_retries(stub, monkeypatch):
+    monkeypatch.setenv("STUB_KEY", "secret")
+    monkeypatch.setattr("avr_megatron.engines.server.time.sleep", lambda s: None)
+    engine = ServerChatEngine(stub + "/v1", "m", api_key_env="STUB_KEY", max_concurrency=4)
+    sp = SamplingParams(temperature=0.5, top_p=0.9, max_tokens=7, seed=3)
+    requests = [GenerateRequest(f"p{i}/g", [{"role": "user", "content": f"q{i}"}], 2, sp.for_key(f"p{i}/g"))
+                for i in range(5)]
+    _Stub.fail_first["/v1/chat/completions"] = 1
+    out = engine.generate(requests)
+    assert out == [[f"q{i}#0#{r.sampling.seed}", f"q{i}#1#{r.sampling.seed}"] for i, r in enumerate(requests)]
+    path, body, auth = _Stub.calls[-1]
+    assert auth == "Bearer secret"
+    assert {k: body[k] for k in ("model", "n", "temperature", "top_p", "max_tokens")} == \
+        {"model": "m", "n": 2, "temperature": 0.5, "top_p": 0.9, "max_tokens": 7}
+    assert engine.stats["generated_tokens"] == 10
+    too_long = GenerateRequest("x/g", [{"role": "user", "content": "too long"}], 3, sp)
+    assert engine.generate([too_long]) == [["", "", ""]] and engine.stats["prompt_too_long"] == 3
+    with pytest.raises(ServerError, match="HTTP 400.*bad request"):
+        engine.generate([GenerateRequest("y/g", [{"role": "user", "content": "bad"}], 1, sp)])
+
+
+def test_classify_raw_scores(stub):
+    rm = ServerRewardEngine(stub, "rm")
+    requests = [ScoreRequest(f"p{i}/s", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * i}])
+                for i in range(1, 4)]
+    assert rm.score(requests) == [-9.0, -8.0, -7.0]
+    path, body, _ = _Stub.calls[-1]
+    assert path == "/classify" and body["use_activation"] is False and body["model"] == "rm"
+
+
+def test_unreachable_server_names_the_url(monkeypatch):
+    monkeypatch.setattr("avr_megatron.engines.server.time.sleep", lambda s: None)
+    engine = ServerChatEngine("http://127.0.0.1:9", "m", max_retries=1, timeout_s=2)
+    with pytest.raises(ServerError, match="127.0.0.1:9/v1/chat/completions"):
+        engine.generate([GenerateRequest("p/g", [{"role": "user", "content": "hi"}], 1, SamplingParams())])
