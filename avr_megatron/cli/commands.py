@@ -25,6 +25,14 @@ COMMANDS: list[Command] = [
             takes_recipe=False),
     Command(("smoke",), "train on synthetic counting sequences: checks an install or a layout",
             "avr_megatron.cli.smoke:run"),
+    Command(("convert", "hf-to-mcore"),
+            "convert a Hugging Face Llama directory into a Megatron dist checkpoint",
+            "avr_megatron.cli.convert:run_hf_to_mcore",
+            "avr_megatron.cli.convert:add_hf_to_mcore_arguments"),
+    Command(("convert", "mcore-to-hf"),
+            "export a Megatron dist checkpoint (any TP/PP) to a Hugging Face directory",
+            "avr_megatron.cli.convert:run_mcore_to_hf",
+            "avr_megatron.cli.convert:add_mcore_to_hf_arguments"),
 ]
 
 
