@@ -32,7 +32,7 @@ from avr_megatron.checkpoint.dist_ckpt import (
 from avr_megatron.config import AvrConfig, save_config
 from avr_megatron.config.schema import ModelConfig
 from avr_megatron.conversion import dist_io
-from avr_megatron.conversion.assets import copy_assets
+from avr_megatron.conversion.assets import copy_assets, has_tokenizer
 from avr_megatron.conversion.atomic import atomic_output, check_target
 from avr_megatron.conversion.errors import ConversionError
 from avr_megatron.conversion.hf_config import (
@@ -122,6 +122,9 @@ def convert_hf_to_mcore(hf_dir: str | Path, out: str | Path, *, base: AvrConfig 
     torch_dtype = DTYPE_NAMES[dtype] if dtype else (hf_dtype(hf) or torch.float32)
     cfg = avr_config_for(m, base, tp, pp, torch_dtype, where)
     weights = HFWeights(hf_dir)
+    if not has_tokenizer(hf_dir):
+        log.warning("%s has no tokenizer files: exporting this checkpoint back to HF will need "
+                    "--tokenizer", hf_dir)
     try:
         check_weights(weights, m)
         tensors = model_tensors(m)

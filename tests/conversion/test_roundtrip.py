@@ -93,3 +93,31 @@ def test_checkpoint_layout(tmp_path, tiny_hf):
     assert (hf_assets(root) / "tokenizer.json").is_file()
     assert json.loads((resolve(root) / "metadata.json").read_text())["sharded_backend"] == \
         "torch_dist"
+
+
+def test_other_input_layouts(tmp_path, tiny_hf):
+    """Sharded safetensors with an index, legacy pytorch_model.bin, and the redundant tensors
+    some checkpoints carry (a tied lm_head copy, rotary inv_freq buffers) all convert the same."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    src = tiny_hf("tied_mha")
+    ref = hf_tensors(src)
+    sharded = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(src).save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(src / name, sharded / name)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(src, legacy)
+    (legacy / "model.safetensors").unlink()
+    extra = dict(ref, **{"lm_head.weight": ref["model.embed_tokens.weight"].clone(),
+                         "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
+    torch.save(extra, legacy / "pytorch_model.bin")
+    for folder in (sharded, legacy):
+        convert_hf_to_mcore(folder, tmp_path / f"{folder.name}_ckpt", progress=False)
+        out = convert_mcore_to_hf(tmp_path / f"{folder.name}_ckpt", tmp_path / f"{folder.name}_hf",
+                                  progress=False)
+        back = hf_tensors(out)
+        assert back.keys() == ref.keys() and all(torch.equal(back[k], ref[k]) for k in ref)

@@ -1,6 +1,6 @@
 """A checkpoint written by the trainer at TP=2 (distributed optimizer and scheduler state
-included, padded vocab) exports to HF: the HF weights are the trained weights and transformers'
-logits equal Megatron's."""
+included, padded vocab, tokenizer carried with `hf_assets_from`) exports to HF: the HF weights
+are the trained weights and transformers' logits equal Megatron's."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from avr_megatron.testing.distributed import run_distributed
 pytestmark = pytest.mark.slow
 
 
-def _train_and_save(root, tokens):
+def _train_and_save(root, tokens, assets):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -27,7 +27,7 @@ def _train_and_save(root, tokens):
         "train.micro_batch_size=2", "optimizer.lr=0.01", f"run.dir={root}/run"])
     run = run_smoke(cfg, progress=False)
     save_checkpoint(f"{root}/ckpt", 3, run.chunks, cfg, optimizer=run.optimizer,
-                    scheduler=run.scheduler)
+                    scheduler=run.scheduler, hf_assets_from=assets)
     model = run.chunks[0]
     model.eval()
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
@@ -44,10 +44,11 @@ def test_trainer_checkpoint_at_tp2_exports(tmp_path, tokenizer_dir, reference):
     from avr_megatron.checkpoint.dist_ckpt import read_config, read_meta
 
     tokens = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
-    result = run_distributed(_train_and_save, nproc=2, root=str(tmp_path), tokens=tokens)[0]
+    result = run_distributed(_train_and_save, nproc=2, root=str(tmp_path), tokens=tokens,
+                             assets=str(tokenizer_dir))[0]
     ckpt = tmp_path / "ckpt"
     assert read_meta(ckpt)["has_optimizer"]
-    out = convert_mcore_to_hf(ckpt, tmp_path / "hf", tokenizer=tokenizer_dir, progress=False)
+    out = convert_mcore_to_hf(ckpt, tmp_path / "hf", progress=False)  # tokenizer from hf/
 
     m = read_config(ckpt).model
     hf = load_file(out / "model.safetensors")
