@@ -33,8 +33,9 @@ def add_hf_to_mcore_arguments(parser) -> None:
                              "(default: the recipe's); loads under any")
     parser.add_argument("--dtype", choices=_DTYPES, default=None,
                         help="weight dtype to store (default: the HF config's dtype)")
-    parser.add_argument("--max-chunk-size", type=_size, default=64 << 20,
-                        help="largest stored chunk, e.g. 64MiB: bounds conversion memory")
+    parser.add_argument("--max-chunk-size", type=_size, default=None,
+                        help="largest stored chunk, e.g. 64MiB (default): bounds conversion "
+                             "memory")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -59,10 +60,10 @@ def _fail(command: str, error: Exception) -> int:
 def run_hf_to_mcore(args, cfg) -> int:
     from avr_megatron.conversion import ConversionError, convert_hf_to_mcore
 
+    extra = {} if args.max_chunk_size is None else {"max_chunk_bytes": args.max_chunk_size}
     try:
         out = convert_hf_to_mcore(args.hf_dir, args.out, base=cfg, tp=args.tp, pp=args.pp,
-                                  dtype=args.dtype, max_chunk_bytes=args.max_chunk_size,
-                                  progress=not args.no_progress)
+                                  dtype=args.dtype, progress=not args.no_progress, **extra)
     except ConversionError as e:
         return _fail("hf-to-mcore", e)
     print(f"hf-to-mcore: wrote {out}")

@@ -56,10 +56,11 @@ from torch.futures import Future
 
 from avr_megatron.config.schema import ModelConfig
 from avr_megatron.conversion.errors import ConversionError
-from avr_megatron.conversion.mapping import Tensor
+from avr_megatron.conversion.mapping import ModelTensor
 
 LAYER_PREFIX = "decoder.layers."
 COMMON_STATE_KEY = "common_state/shard_0_1"  # Megatron's non-tensor state, here empty
+DEFAULT_MAX_CHUNK_BYTES = 64 << 20  # bounds conversion memory; any chunking loads the same
 MEGATRON_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 
 
@@ -78,18 +79,18 @@ def _dcp_call():
             raise
 
 
-def storage_key(t: Tensor) -> str:
+def storage_key(t: ModelTensor) -> str:
     """DCP key: layers share one key with the global layer index as a prepended axis."""
     if t.layer is None:
         return t.name
     return LAYER_PREFIX + t.name[len(f"{LAYER_PREFIX}{t.layer}."):]
 
 
-def global_shape(t: Tensor, num_layers: int) -> tuple[int, ...]:
+def global_shape(t: ModelTensor, num_layers: int) -> tuple[int, ...]:
     return t.shape if t.layer is None else (num_layers, *t.shape)
 
 
-def extra_state_key(t: Tensor, num_layers: int) -> str:
+def extra_state_key(t: ModelTensor, num_layers: int) -> str:
     """Megatron's ShardedObject key for the `_extra_state` of a layer's linear module."""
     module = storage_key(t).rsplit(".", 1)[0]
     return f"{module}._extra_state/shard_{t.layer}_{num_layers}"
@@ -99,12 +100,12 @@ def extra_state_key(t: Tensor, num_layers: int) -> str:
 class Chunk:
     """One stored piece of a tensor, in the tensor's own (layer-free) coordinates."""
 
-    tensor: Tensor
+    tensor: ModelTensor
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
 
 
-def tp_chunks(t: Tensor, tp: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def tp_chunks(t: ModelTensor, tp: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(offsets, sizes) of what each TP rank saves, as Megatron's sharded_state_dict does: the
     SwiGLU fc1 as separate gate and up pieces, other tensors cut along their partition dim."""
     shape = t.shape
@@ -124,7 +125,7 @@ def tp_chunks(t: Tensor, tp: int) -> list[tuple[tuple[int, ...], tuple[int, ...]
     return out
 
 
-def chunks_for(t: Tensor, tp: int, itemsize: int, max_chunk_bytes: int) -> list[Chunk]:
+def chunks_for(t: ModelTensor, tp: int, itemsize: int, max_chunk_bytes: int) -> list[Chunk]:
     out = []
     for off, size in tp_chunks(t, tp):
         row_bytes = math.prod(size[1:]) * itemsize
@@ -145,7 +146,8 @@ def _torch_save_bytes(obj) -> io.BytesIO:
 class _StreamingSavePlanner(SavePlanner):
     """Plans a fixed list of write items; tensors are produced by `make(item)` on demand."""
 
-    def __init__(self, items: list[WriteItem], make: Callable[[WriteItem], torch.Tensor | io.BytesIO]):
+    def __init__(self, items: list[WriteItem],
+                 make: Callable[[WriteItem], torch.Tensor | io.BytesIO]):
         self.items, self.make = items, make
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
@@ -209,9 +211,10 @@ def _close_synced(stream) -> None:
     stream.close()
 
 
-def write_checkpoint(path: str | os.PathLike, m: ModelConfig, tensors: list[Tensor], tp: int,
+def write_checkpoint(path: str | os.PathLike, m: ModelConfig, tensors: list[ModelTensor], tp: int,
                      dtype: torch.dtype, make_chunk: Callable[[Chunk], torch.Tensor], *,
-                     max_chunk_bytes: int = 256 << 20, max_file_bytes: int = 4 << 30,
+                     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                     max_file_bytes: int = 4 << 30,
                      progress: Callable[[int], None] | None = None) -> None:
     """Write the torch_dist data of `tensors` (plus `_extra_state` objects and the common state)
     to `path`; `make_chunk(chunk)` returns the chunk's data in the tensor's own coordinates."""
@@ -219,31 +222,37 @@ def write_checkpoint(path: str | os.PathLike, m: ModelConfig, tensors: list[Tens
     itemsize = torch.empty((), dtype=dtype).element_size()
     props = TensorProperties(dtype=dtype)
     items: list[WriteItem] = []
-    producers: dict[MetadataIndex, Callable[[], torch.Tensor | io.BytesIO]] = {}
+    planned: dict[MetadataIndex, Chunk | _SavedObject] = {}
 
-    def add_bytes(key: str, obj) -> None:
+    def add_object(key: str, obj) -> None:
         index = MetadataIndex(key)
         items.append(WriteItem(index=index, type=WriteItemType.BYTE_IO))
-        producers[index] = lambda: _torch_save_bytes([obj])
+        planned[index] = _SavedObject(obj)
 
-    add_bytes(COMMON_STATE_KEY, {})
+    add_object(COMMON_STATE_KEY, {})
     for t in tensors:
         key, size = storage_key(t), torch.Size(global_shape(t, L))
         for c in chunks_for(t, tp, itemsize, max_chunk_bytes):
             offsets, sizes = c.offsets, c.sizes
-            if t.layer is not None:
+            if t.layer is not None:  # the prepended layer axis
                 offsets, sizes = (t.layer, *offsets), (1, *sizes)
             index = MetadataIndex(key, torch.Size(offsets))
-            items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-                chunk=ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)),
-                properties=props, size=size)))
-            producers[index] = (lambda c=c, lead=t.layer is not None: _shaped(make_chunk(c), c,
-                                                                              dtype, lead))
+            chunk_md = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+            items.append(WriteItem(index=index, type=WriteItemType.SHARD,
+                                   tensor_data=TensorWriteData(chunk_md, props, size)))
+            planned[index] = c
         if t.param.extra_state:
-            add_bytes(extra_state_key(t, L), None)
+            add_object(extra_state_key(t, L), None)
 
-    def make(item: WriteItem):
-        return producers[item.index]()
+    def make(item: WriteItem) -> torch.Tensor | io.BytesIO:
+        what = planned.pop(item.index)
+        if isinstance(what, _SavedObject):
+            return _torch_save_bytes([what.value])  # Megatron stores a list of shard objects
+        data = make_chunk(what)
+        if tuple(data.shape) != what.sizes or data.dtype != dtype:
+            raise AssertionError(f"chunk of {what.tensor.name} at {what.offsets}: made "
+                                 f"{data.dtype} {tuple(data.shape)}, planned {dtype} {what.sizes}")
+        return data if what.tensor.layer is None else data.unsqueeze(0)
 
     writer = _SequentialWriter(path, max_file_bytes, progress)
     with _dcp_call():
@@ -251,11 +260,9 @@ def write_checkpoint(path: str | os.PathLike, m: ModelConfig, tensors: list[Tens
                  no_dist=True)
 
 
-def _shaped(data: torch.Tensor, c: Chunk, dtype: torch.dtype, lead_axis: bool) -> torch.Tensor:
-    if tuple(data.shape) != c.sizes or data.dtype != dtype:
-        raise AssertionError(f"chunk of {c.tensor.name} at {c.offsets}: made {data.dtype} "
-                             f"{tuple(data.shape)}, planned {dtype} {c.sizes}")
-    return data.unsqueeze(0) if lead_axis else data
+@dataclass(frozen=True)
+class _SavedObject:
+    value: object
 
 
 class _CachedReader(FileSystemReader):

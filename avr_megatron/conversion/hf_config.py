@@ -110,6 +110,8 @@ def model_config_from_hf(hf: dict, base: ModelConfig | None = None,
             norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_dropout=float(hf.get("attention_dropout", 0.0) or 0.0),
+            init_method_std=float(hf.get("initializer_range", base.init_method_std if base
+                                         else ModelConfig.init_method_std)),
         )
     except KeyError as e:
         raise ConversionError(f"{where}: required field {e.args[0]!r} is missing") from None
@@ -140,8 +142,9 @@ def check_layout(m: ModelConfig, tp: int, pp: int, where: str = "config.json") -
 
 def avr_config_for(m: ModelConfig, base: AvrConfig, tp: int, pp: int, dtype: torch.dtype,
                    where: str = "config.json") -> AvrConfig:
-    """The recipe stored with a converted checkpoint: `base` with this model and layout,
-    validated by the same rules as any recipe."""
+    """The recipe stored with a converted checkpoint: `base` with this model, layout and
+    precision, validated by the same rules as any recipe (train.seq_length is capped at the
+    model's max_position_embeddings so the schema default never makes a small model invalid)."""
     from avr_megatron.config.validate import validate_config
 
     cfg = copy.deepcopy(base)
@@ -182,8 +185,8 @@ def hf_config_from_model(m: ModelConfig, dtype: torch.dtype, base: dict | None =
         "max_position_embeddings": m.max_position_embeddings, "rms_norm_eps": m.norm_epsilon,
         "tie_word_embeddings": m.tie_word_embeddings, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "attention_dropout": m.attention_dropout,
+        "initializer_range": m.init_method_std,
     })
-    out.setdefault("initializer_range", m.init_method_std)
     out.setdefault("use_cache", True)
     rs = m.rope_scaling
     scaling = None if rs.type is None else {

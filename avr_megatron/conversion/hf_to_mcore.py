@@ -47,7 +47,7 @@ from avr_megatron.conversion.hf_weights import HFWeights
 from avr_megatron.conversion.mapping import (
     IGNORED_HF,
     TIED_HF_COPY,
-    Tensor,
+    ModelTensor,
     expected_hf,
     model_tensors,
 )
@@ -86,7 +86,7 @@ def check_weights(weights: HFWeights, m: ModelConfig) -> None:
 
 def _chunk_maker(weights: HFWeights, dtype: torch.dtype):
     def make(c: dist_io.Chunk) -> torch.Tensor:
-        t: Tensor = c.tensor
+        t: ModelTensor = c.tensor
         a, b = c.offsets[0], c.offsets[0] + c.sizes[0]
         data = t.merge_rows(lambda name, lo, hi: weights.read(name, (lo, hi)), a, b, dtype)
         for dim in range(1, data.dim()):
@@ -98,7 +98,8 @@ def _chunk_maker(weights: HFWeights, dtype: torch.dtype):
 
 def convert_hf_to_mcore(hf_dir: str | Path, out: str | Path, *, base: AvrConfig | None = None,
                         tp: int | None = None, pp: int | None = None, dtype: str | None = None,
-                        max_chunk_bytes: int = 64 << 20, progress: bool = True) -> Path:
+                        max_chunk_bytes: int = dist_io.DEFAULT_MAX_CHUNK_BYTES,
+                        progress: bool = True) -> Path:
     """Convert; returns the checkpoint root `out`. `base` is the recipe whose non-model sections
     (and model keys HF does not describe) are stored with the checkpoint; `tp`/`pp` default to
     its parallel section and set the chunking the checkpoint is written in (it loads under any
@@ -111,8 +112,8 @@ def convert_hf_to_mcore(hf_dir: str | Path, out: str | Path, *, base: AvrConfig 
     check_target(out)
     start = time.time()
     base = base if base is not None else load_config(None)
-    tp = tp or base.parallel.tensor_model_parallel_size
-    pp = pp or base.parallel.pipeline_model_parallel_size
+    tp = base.parallel.tensor_model_parallel_size if tp is None else tp
+    pp = base.parallel.pipeline_model_parallel_size if pp is None else pp
     hf = read_hf_config(hf_dir)
     where = str(hf_dir / "config.json")
     m = model_config_from_hf(hf, base.model, where)

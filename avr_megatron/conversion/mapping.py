@@ -98,7 +98,7 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class Tensor:
+class ModelTensor:
     """One Megatron tensor of a concrete model and the HF tensors it is made of."""
 
     param: Param
@@ -153,7 +153,12 @@ def _segments(param: Param, m: ModelConfig, hf_shapes: list[tuple[int, ...]]) ->
     return out
 
 
-def model_tensors(m: ModelConfig) -> list[Tensor]:
+# File order: embeddings, then every layer's tensors in table order, final norm, output layer.
+_ORDER = {"embedding.word_embeddings.weight": 0, "decoder.final_layernorm.weight": 2,
+          "output_layer.weight": 3}
+
+
+def model_tensors(m: ModelConfig) -> list[ModelTensor]:
     """Every Megatron tensor of model `m`, in HF file order (embeddings, layers, norm, head)."""
     sym = dims(m)
     out = []
@@ -166,14 +171,9 @@ def model_tensors(m: ModelConfig) -> list[Tensor]:
             hf_shapes = [tuple(sym[s] for s in shape) for _, shape in param.hf]
             segs = _segments(param, m, hf_shapes)
             shape = (sum(s.rows for s in segs), *hf_shapes[0][1:])
-            out.append(Tensor(param, param.megatron.format(i=i), i, hf_names, tuple(hf_shapes),
-                              shape, tuple(segs)))
-    # Layer-major order, as the HF files are written.
+            out.append(ModelTensor(param, param.megatron.format(i=i), i, hf_names,
+                                   tuple(hf_shapes), shape, tuple(segs)))
     return sorted(out, key=lambda t: (_ORDER.get(t.name, 1), t.layer or 0))
-
-
-_ORDER = {"embedding.word_embeddings.weight": 0, "decoder.final_layernorm.weight": 2,
-          "output_layer.weight": 3}
 
 
 def expected_hf(m: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -29,7 +29,7 @@ from avr_megatron.conversion.hf_config import (
     generation_config,
     hf_config_from_model,
 )
-from avr_megatron.conversion.mapping import Tensor, model_tensors
+from avr_megatron.conversion.mapping import ModelTensor, model_tensors
 from avr_megatron.conversion.safetensors_io import SafetensorsWriter
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 SAFE_INDEX = "model.safetensors.index.json"
 
 
-def check_checkpoint(reader: DistReader, m: ModelConfig, tensors: list[Tensor]) -> None:
+def check_checkpoint(reader: DistReader, m: ModelConfig, tensors: list[ModelTensor]) -> None:
     """Every model tensor present with the shape the config implies; no unknown model tensors.
     Optimizer state and `_extra_state` objects are ignored."""
     expected = {storage_key(t): global_shape(t, m.num_layers) for t in tensors}
@@ -101,10 +101,10 @@ class _ShardedWriter:
         return {name: file for file, shard in zip(self.names, self.shards) for name, _, _ in shard}
 
 
-def _stream_tensors(reader: DistReader, m: ModelConfig, tensors: list[Tensor], dtype: torch.dtype):
+def _stream_tensors(reader: DistReader, tensors: list[ModelTensor], dtype: torch.dtype):
     """(HF name, rows piece) in file order: each layer's tensors read in one go, the
     non-layer tensors (embeddings, output layer) one stored row block at a time."""
-    by_layer: dict[int | None, list[Tensor]] = defaultdict(list)
+    by_layer: dict[int | None, list[ModelTensor]] = defaultdict(list)
     for t in tensors:
         by_layer[t.layer].append(t)
     done_layers = set()
@@ -187,7 +187,7 @@ def convert_mcore_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None 
                                          mininterval=1.0) as bar:
         shards = plan_shards(specs, max_shard_bytes)
         writer = _ShardedWriter(tmp, shards, {"format": "pt"})
-        for name, piece in _stream_tensors(reader, m, tensors, out_dtype):
+        for name, piece in _stream_tensors(reader, tensors, out_dtype):
             writer.write(name, piece)
             bar.update(piece.numel() * piece.element_size())
         writer.close()

@@ -57,6 +57,7 @@ def _parity(cases):
                 save_checkpoint(case["resave"], 0, chunks, cfg)
         cfg, chunks = _load(case["ckpt"], 1, 2)
         weights["pp2"] = gather_full(chunks, cfg.model.tie_word_embeddings)
+        save_checkpoint(case["resave_pp"], 0, chunks, cfg)
         for other in (2, "pp2"):
             r[f"same_weights_{other}"] = weights[other].keys() == weights[1].keys() and all(
                 torch.equal(weights[other][k], weights[1][k]) for k in weights[1])
@@ -96,7 +97,8 @@ def test_converted_checkpoints_match_hf_and_megatron(tmp_path, tiny_hf, referenc
             ref_logits = model(tokens).logits
         hf_weights[name] = load_file(src / "model.safetensors")
         cases[name] = {"ckpt": str(ckpt), "tokens": tokens, "ref_logits": ref_logits,
-                       "resave": str(tmp_path / name / "resave")}
+                       "resave": str(tmp_path / name / "resave"),
+                       "resave_pp": str(tmp_path / name / "resave_pp")}
     results = run_distributed(_parity, nproc=2, cases=cases)
     for name, case in cases.items():
         for r in results:
@@ -112,9 +114,10 @@ def test_converted_checkpoints_match_hf_and_megatron(tmp_path, tiny_hf, referenc
         assert ours == megatron, {k: (ours.get(k), megatron.get(k))
                                   for k in ours.keys() | megatron.keys()
                                   if ours.get(k) != megatron.get(k)}
-        # Megatron's save exports to the original HF tensors.
-        out = convert_mcore_to_hf(case["resave"], tmp_path / name / "hf_out",
-                                  tokenizer=tiny_hf(name), progress=False)
-        exported = load_file(out / "model.safetensors")
-        assert exported.keys() == hf_weights[name].keys()
-        assert all(torch.equal(exported[k], hf_weights[name][k]) for k in exported), name
+        # Megatron's own saves (TP=2, and PP=2) export to the original HF tensors.
+        for saved in ("resave", "resave_pp"):
+            out = convert_mcore_to_hf(case[saved], tmp_path / name / f"hf_{saved}",
+                                      tokenizer=tiny_hf(name), progress=False)
+            exported = load_file(out / "model.safetensors")
+            assert exported.keys() == hf_weights[name].keys()
+            assert all(torch.equal(exported[k], hf_weights[name][k]) for k in exported), name
