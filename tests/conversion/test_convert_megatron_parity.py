@@ -1,6 +1,7 @@
 """Converted checkpoints in Megatron: logits equal the HF model's at TP=1 and TP=2, weights are
-the hand-built reference, PP=2 loads the same weights, the stored structure is exactly what
-Megatron itself saves, and Megatron's own save exports back to the original HF tensors.
+the hand-built reference, PP=2 (and interleaved PP=2 x VPP=2) load the same weights, the stored
+structure is exactly what Megatron itself saves, and Megatron's own saves (TP=2, PP=2) export
+back to the original HF tensors.
 
 One `torchrun --nproc-per-node 2` launch covers every case and layout."""
 
@@ -26,13 +27,14 @@ def _full_logits(chunks, tokens):
     return logits
 
 
-def _load(ckpt, tp, pp):
+def _load(ckpt, tp, pp, vpp=None):
     from avr_megatron.checkpoint.dist_ckpt import load_checkpoint, read_config
     from avr_megatron.models.llama import build_model
     from avr_megatron.runtime.distributed import initialize
 
     cfg = read_config(ckpt)
     cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
+    cfg.parallel.virtual_pipeline_model_parallel_size = vpp
     initialize(cfg)
     chunks = build_model(cfg)
     load_checkpoint(ckpt, chunks)
@@ -58,7 +60,13 @@ def _parity(cases):
         cfg, chunks = _load(case["ckpt"], 1, 2)
         weights["pp2"] = gather_full(chunks, cfg.model.tie_word_embeddings)
         save_checkpoint(case["resave_pp"], 0, chunks, cfg)
-        for other in (2, "pp2"):
+        others = [2, "pp2"]
+        if cfg.model.num_layers % 4 == 0:  # interleaved: 2 stages x 2 virtual chunks
+            cfg, chunks = _load(case["ckpt"], 1, 2, vpp=2)
+            weights["vpp2"] = gather_full(chunks, cfg.model.tie_word_embeddings)
+            others.append("vpp2")
+        r["layouts"] = others
+        for other in others:
             r[f"same_weights_{other}"] = weights[other].keys() == weights[1].keys() and all(
                 torch.equal(weights[other][k], weights[1][k]) for k in weights[1])
         r["weights"] = weights[1]
@@ -100,11 +108,12 @@ def test_converted_checkpoints_match_hf_and_megatron(tmp_path, tiny_hf, referenc
                        "resave": str(tmp_path / name / "resave"),
                        "resave_pp": str(tmp_path / name / "resave_pp")}
     results = run_distributed(_parity, nproc=2, cases=cases)
+    assert "vpp2" in results[0]["gqa4_headdim"]["layouts"]
     for name, case in cases.items():
         for r in results:
             res = r[name]
             assert res["logits_tp1"] < 1e-5 and res["logits_tp2"] < 1e-5, (name, res)
-            assert res["same_weights_2"] and res["same_weights_pp2"], name
+            assert all(res[f"same_weights_{o}"] for o in res["layouts"]), (name, res)
         m = read_config(case["ckpt"]).model
         reference.assert_same(results[0][name]["weights"],
                               reference.weights(hf_weights[name], m), m.vocab_size)
