@@ -8,6 +8,11 @@ is saved `dp_reshardable` (Megatron's fast format: it reshards across DP only).
 
     <root>/latest                 "iter_0000100"
     <root>/iter_0000100/          dist checkpoint + avr_checkpoint.json + config.yaml
+    <root>/iter_0000100/hf/       optional: tokenizer, chat template, HF config.json ... of the
+                                  Hugging Face model it came from (see avr_megatron.conversion)
+
+`read_config` rebuilds the recipe (model section included) a checkpoint was saved with, so
+tools such as `avr convert mcore-to-hf` need nothing but the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from avr_megatron.models.llama import unwrap
 
 FORMAT = "avr-megatron/dist-ckpt/1"
 META_FILE = "avr_checkpoint.json"
+CONFIG_FILE = "config.yaml"
+HF_ASSETS_DIR = "hf"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -86,11 +93,54 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+def checkpoint_meta(iteration: int, cfg: AvrConfig, *, has_optimizer: bool, num_chunks: int,
+                    state: dict[str, Any] | None = None, **extra: Any) -> dict:
+    """The avr_checkpoint.json record (also written by the HF converter)."""
+    return {"format": FORMAT, "iteration": iteration, "has_optimizer": has_optimizer,
+            "num_chunks": num_chunks, "state": state or {},
+            "parallel": {"tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+                         "pipeline_model_parallel_size":
+                         cfg.parallel.pipeline_model_parallel_size,
+                         "virtual_pipeline_model_parallel_size":
+                         cfg.parallel.virtual_pipeline_model_parallel_size},
+            **extra}
+
+
+def write_latest(root: str | os.PathLike, name: str) -> None:
+    """Point `<root>/latest` at checkpoint directory `name` (atomic replace)."""
+    pointer = Path(root) / ".latest.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, Path(root) / "latest")
+
+
+def read_config(path: str | os.PathLike) -> AvrConfig:
+    """The validated recipe a checkpoint was saved with (its config.yaml)."""
+    from avr_megatron.config import ConfigError, load_config
+
+    ckpt = resolve(path)
+    file = ckpt / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{ckpt}: no {CONFIG_FILE}: cannot rebuild the model config")
+    try:
+        return load_config(file)
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def hf_assets(path: str | os.PathLike) -> Path | None:
+    """The checkpoint's `hf/` folder (tokenizer, HF config...), or None when it has none."""
+    folder = resolve(path) / HF_ASSETS_DIR
+    return folder if folder.is_dir() else None
+
+
 def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.nn.Module],
                     cfg: AvrConfig, *, optimizer=None, scheduler=None,
-                    state: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
+                    state: dict[str, Any] | None = None, keep_last: int | None = None,
+                    hf_assets_from: str | os.PathLike | None = None) -> Path:
     """Save on every rank (collective). `state` is small JSON-able trainer state (iteration,
-    consumed samples, data position...). Returns the final checkpoint directory."""
+    consumed samples, data position...). `hf_assets_from`: a folder (e.g. `hf_assets(init
+    checkpoint)`) copied into the checkpoint's `hf/`, so it exports to HF with its tokenizer.
+    Returns the final checkpoint directory."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -110,22 +160,16 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
     dist_checkpointing.save(sharded, str(tmp))
     _barrier()
     if _rank() == 0:
-        meta = {"format": FORMAT, "iteration": iteration, "has_optimizer": optimizer is not None,
-                "num_chunks": len(chunks), "state": state or {},
-                "parallel": {"tensor_model_parallel_size":
-                             cfg.parallel.tensor_model_parallel_size,
-                             "pipeline_model_parallel_size":
-                             cfg.parallel.pipeline_model_parallel_size,
-                             "virtual_pipeline_model_parallel_size":
-                             cfg.parallel.virtual_pipeline_model_parallel_size}}
-        save_config(cfg, tmp / "config.yaml")
+        meta = checkpoint_meta(iteration, cfg, has_optimizer=optimizer is not None,
+                               num_chunks=len(chunks), state=state)
+        save_config(cfg, tmp / CONFIG_FILE)
+        if hf_assets_from is not None:
+            shutil.copytree(hf_assets_from, tmp / HF_ASSETS_DIR)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         if final.exists():  # a re-save of the same iteration replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / "latest")
+        write_latest(root, final.name)
         if keep_last:
             _prune(root, keep_last)
     _barrier()

@@ -35,6 +35,14 @@ COMMANDS: list[Command] = [
             "avr_megatron.synth.cli:pairs_stage1"),
     Command(("pairs", "stage2"), "long-thought SFT examples and best-vs-worst thought pairs from stage-2 output",
             "avr_megatron.synth.cli:pairs_stage2"),
+    Command(("convert", "hf-to-mcore"),
+            "convert a Hugging Face Llama directory into a Megatron dist checkpoint",
+            "avr_megatron.cli.convert:run_hf_to_mcore",
+            "avr_megatron.cli.convert:add_hf_to_mcore_arguments"),
+    Command(("convert", "mcore-to-hf"),
+            "export a Megatron dist checkpoint (any TP/PP) to a Hugging Face directory",
+            "avr_megatron.cli.convert:run_mcore_to_hf",
+            "avr_megatron.cli.convert:add_mcore_to_hf_arguments"),
 ]
 
 
