@@ -88,6 +88,10 @@ class TokenizedDataset:
         lo, hi = self.seq_offsets[s], self.seq_offsets[s + 1]
         return self.tokens[lo:hi], self.mask[lo:hi]
 
+    def sequence_targets(self, s: int) -> int:
+        """Trained labels of sequence s (assistant tokens after its first token)."""
+        return int(self.sequence(s)[1][1:].sum())
+
     def unit_sequences(self, u: int) -> range:
         return range(u * self.seqs_per_unit, (u + 1) * self.seqs_per_unit)
 
