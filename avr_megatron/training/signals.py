@@ -15,6 +15,28 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again (resume) later
 log = logging.getLogger(__name__)
 
 
+def _start_checkpoint_helper(signals) -> None:
+    """Megatron's dist-checkpoint writer collects write results through a multiprocessing
+    Manager, a helper process spawned at the first save. Slurm (and `kill -TERM -- -PGID`)
+    signals every process of the job step, which killed that helper and made the preemption
+    checkpoint fail with BrokenPipeError. Start it here with the preemption signals ignored:
+    an ignored disposition survives exec, so the helper outlives the signal and the main process
+    finishes its checkpoint. (A job killed with SIGKILL takes the helper with it on Slurm, whose
+    cgroup/process-group cleanup kills every process of the step.)"""
+    try:
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+            get_write_results_queue,
+        )
+    except ImportError:  # another Megatron version: nothing to prepare
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
+    try:
+        get_write_results_queue()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 class PreemptionSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -30,6 +52,7 @@ class PreemptionSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
+            _start_checkpoint_helper(self.SIGNALS)
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
