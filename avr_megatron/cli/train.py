@@ -10,9 +10,17 @@ from __future__ import annotations
 import sys
 
 
+def shutdown() -> None:
+    """Tear down process groups if any were created (bad input fails before that)."""
+    if "megatron.core.parallel_state" in sys.modules:
+        from avr_megatron.runtime.distributed import shutdown as full_shutdown
+
+        full_shutdown()
+
+
 def _report(stage: str, fn, cfg) -> int:
     from avr_megatron.data.records import DataError
-    from avr_megatron.runtime.distributed import is_rank0, shutdown
+    from avr_megatron.runtime.distributed import is_rank0
     from avr_megatron.training.loop import TrainingAborted
     from avr_megatron.training.reference import ReferenceLogpsError
 

@@ -184,8 +184,8 @@ class LossConfig:
     # (a frozen copy of the reference model runs a forward pass each step).
     reference: str = "precomputed"
     # Tokens per chunk in the vocab-parallel log-prob computation (bounds fp32 temporaries to
-    # chunk x vocab / TP).
-    logprob_chunk_size: int = 1024
+    # chunk x vocab / TP); 0: about 16M logits (64 MiB of fp32) per chunk.
+    logprob_chunk_size: int = 0
 
 
 @dataclass

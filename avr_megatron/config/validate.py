@@ -202,8 +202,8 @@ def _loss(cfg: AvrConfig) -> list[str]:
         errs.append(f"loss.reward_gap_scale={lo.reward_gap_scale} must be > 0")
     if not lo.reward_gap_weight_max > 0:
         errs.append(f"loss.reward_gap_weight_max={lo.reward_gap_weight_max} must be > 0")
-    if lo.logprob_chunk_size < 1:
-        errs.append(f"loss.logprob_chunk_size={lo.logprob_chunk_size} must be >= 1")
+    if lo.logprob_chunk_size < 0:
+        errs.append(f"loss.logprob_chunk_size={lo.logprob_chunk_size} must be >= 0 (0: auto)")
     if cfg.logps.save_every < 1:
         errs.append(f"logps.save_every={cfg.logps.save_every} must be >= 1")
     return errs

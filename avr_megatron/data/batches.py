@@ -16,7 +16,7 @@ lengths (PackedSeqParams), and TE restarts the rotary positions at each sequence
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -46,7 +46,6 @@ class PackedBatch:
     # Reference log-probs per pair (sum over trained tokens), attached before the step.
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def num_sequences(self) -> int:

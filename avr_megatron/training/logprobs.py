@@ -5,12 +5,13 @@ a label is `logit[label] - logsumexp(all real logits)`; the logsumexp is assembl
 partial maxima and sums of exponentials (one MAX and one SUM all-reduce of a few floats per
 token), so the full vocabulary is never gathered on one rank.
 
-Memory: only the rows whose label is trained are computed, in chunks of `chunk_size` rows, so
-fp32 temporaries are bounded by chunk_size x vocab/TP instead of seq x vocab (a full fp32
-log_softmax at vocab 128k and 8k tokens is 4 GB, plus as much again for its gradient). The
-backward pass recomputes the softmax chunk by chunk from the saved logits and one logsumexp per
-row, and writes the gradient in the logits' dtype. Padded vocabulary columns (beyond the
-tokenizer's vocabulary) are excluded from the normaliser and get zero gradient.
+Memory: only the rows whose label is trained are computed, in chunks of rows (by default about
+16M logits, 64 MiB of fp32, per chunk), so fp32 temporaries are bounded by the chunk instead of
+seq x vocab (a full fp32 log_softmax at vocab 128k and 8k tokens is 4 GiB, and its backward as
+much again). The backward pass recomputes the softmax chunk by chunk, in place, from the saved
+logits and one logsumexp per row, and writes the gradient in the logits' dtype. Padded
+vocabulary columns (beyond the tokenizer's vocabulary) are excluded from the normaliser and get
+zero gradient.
 """
 
 from __future__ import annotations
@@ -31,6 +32,23 @@ def _tp():
             ps.get_tensor_model_parallel_rank())
 
 
+AUTO_CHUNK_LOGITS = 1 << 24  # chunk_size=0: ~16M logits (64 MiB of fp32) per chunk
+
+
+def _chunk_rows(chunk_size: int, local_vocab: int) -> int:
+    return chunk_size if chunk_size > 0 else max(16, AUTO_CHUNK_LOGITS // max(local_vocab, 1))
+
+
+def _rows_fp32(logits: torch.Tensor, rows: torch.Tensor, valid: int) -> torch.Tensor:
+    """A fresh fp32 copy of the selected rows' real-token columns (safe to modify in place).
+    Contiguous row ranges (common: trained tokens come in runs) are read without a gather."""
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if hi - lo == rows.numel():
+        return logits[lo:hi, :valid].to(torch.float32, copy=True)
+    picked = logits.index_select(0, rows)[:, :valid]
+    return picked if picked.dtype == torch.float32 else picked.float()
+
+
 class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, rows, targets, vocab_size, chunk_size):
@@ -39,6 +57,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
         start = rank * local_vocab
         valid = max(0, min(local_vocab, vocab_size - start))  # real-token columns held here
         n = rows.numel()
+        step = _chunk_rows(chunk_size, local_vocab)
         dev = logits.device
         local_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
         sum_exp = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -46,15 +65,15 @@ class _VocabParallelLogProb(torch.autograd.Function):
         local_target = targets - start
         in_range = (local_target >= 0) & (local_target < valid)
         if valid:
-            for lo in range(0, n, chunk_size):
-                hi = min(n, lo + chunk_size)
-                x = logits.index_select(0, rows[lo:hi])[:, :valid].float()
-                m = x.max(dim=1).values
-                local_max[lo:hi] = m
-                sum_exp[lo:hi] = torch.exp(x - m[:, None]).sum(dim=1)
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                x = _rows_fp32(logits, rows[lo:hi], valid)
                 t = local_target[lo:hi].clamp(0, valid - 1)
                 picked = x.gather(1, t[:, None]).squeeze(1)
                 target_logit[lo:hi] = torch.where(in_range[lo:hi], picked, 0.0)
+                m = x.amax(dim=1)
+                local_max[lo:hi] = m
+                sum_exp[lo:hi] = x.sub_(m[:, None]).exp_().sum(dim=1)
                 del x
         global_max = local_max
         if tp > 1:
@@ -67,36 +86,42 @@ class _VocabParallelLogProb(torch.autograd.Function):
             sum_exp, target_logit = both[0], both[1]
         lse = global_max + torch.log(sum_exp)
         ctx.save_for_backward(logits, rows, local_target, in_range, lse)
-        ctx.valid, ctx.chunk_size = valid, chunk_size
+        ctx.valid, ctx.step = valid, step
         return target_logit - lse
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, rows, local_target, in_range, lse = ctx.saved_tensors
-        valid, chunk_size = ctx.valid, ctx.chunk_size
+        valid, step = ctx.valid, ctx.step
         grad = torch.zeros_like(logits)
         if valid:
             real = grad[:, :valid]
             n = rows.numel()
             grad_out = grad_out.float()
-            for lo in range(0, n, chunk_size):
-                hi = min(n, lo + chunk_size)
-                x = logits.index_select(0, rows[lo:hi])[:, :valid].float()
-                g = torch.exp(x - lse[lo:hi, None]).mul_(-grad_out[lo:hi, None])
-                hit = in_range[lo:hi]
-                idx = torch.nonzero(hit).squeeze(1)
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                r = rows[lo:hi]
+                # d logp / d logit_j = 1[j = label] - softmax_j, recomputed from the logits
+                g = _rows_fp32(logits, r, valid)
+                g.sub_(lse[lo:hi, None]).exp_().mul_(-grad_out[lo:hi, None])
+                idx = torch.nonzero(in_range[lo:hi]).squeeze(1)
                 g[idx, local_target[lo:hi][idx]] += grad_out[lo:hi][idx]
-                real.index_copy_(0, rows[lo:hi], g.to(grad.dtype))
-                del x, g
+                first, last = int(r[0]), int(r[-1]) + 1
+                if last - first == r.numel():
+                    real[first:last].copy_(g)
+                else:
+                    real.index_copy_(0, r, g.to(grad.dtype))
+                del g
         return grad, None, None, None, None
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                   vocab_size: int, chunk_size: int = 1024) -> torch.Tensor:
+                   vocab_size: int, chunk_size: int = 0) -> torch.Tensor:
     """log p(label) at every position where `mask` is set, 0 elsewhere.
 
     logits: [..., vocab/TP] this rank's vocabulary slice (any float dtype); labels, mask: the
-    leading shape. vocab_size: the real (unpadded) vocabulary. Returns float32, leading shape.
+    leading shape. vocab_size: the real (unpadded) vocabulary. chunk_size: rows per chunk, 0 for
+    about 16M logits per chunk. Returns float32 with the leading shape.
     """
     local_vocab = logits.shape[-1]
     flat = logits.reshape(-1, local_vocab)

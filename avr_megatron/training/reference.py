@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -34,6 +35,7 @@ from avr_megatron.data.batches import PackedBatch
 from avr_megatron.data.dataset import TrainingData
 from avr_megatron.data.fingerprint import fingerprint_dir
 
+log = logging.getLogger(__name__)
 FORMAT = "avr-megatron/ref-logps/1"
 STAMP, TABLE, PARTS = "stamp.json", "logps.parquet", ".parts"
 
@@ -131,6 +133,10 @@ def load_store(cfg: AvrConfig, td: TrainingData) -> tuple[np.ndarray, np.ndarray
             f"reference log-probs at {path} were computed with another tokenizer or chat "
             f"template (fingerprint {stamp['tokenizer_fingerprint']}, this run: "
             f"{td.tokenizer_fingerprint}): {recompute}")
+    mine_precision = "bf16" if cfg.precision.bf16 else "fp32"
+    if stamp.get("precision") != mine_precision:
+        log.warning("reference log-probs at %s were computed in %s; this run trains in %s",
+                    path, stamp.get("precision"), mine_precision)
     import pyarrow.parquet as pq
 
     table = pq.read_table(path / TABLE).to_pydict()

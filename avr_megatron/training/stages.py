@@ -7,10 +7,24 @@ import logging
 
 import numpy as np
 
-from avr_megatron.config import AvrConfig
+from avr_megatron.config import AvrConfig, ConfigError
 from avr_megatron.training.loop import TrainResult, Trainer
 
 log = logging.getLogger(__name__)
+
+
+def check_packed_layout(cfg: AvrConfig, use_te: bool) -> None:
+    """What the packed-sequence path supports (checked before any work)."""
+    if cfg.parallel.context_parallel_size > 1:
+        raise ConfigError("parallel.context_parallel_size > 1 is not supported for packed "
+                          "training data yet (THD with context parallelism needs per-sequence "
+                          "padding to 2 x CP); use tensor/pipeline/data parallelism")
+    if use_te and cfg.precision.fp8 is not None and \
+            (cfg.train.seq_length * cfg.train.micro_batch_size) % 16:
+        raise ConfigError(f"precision.fp8 needs the tokens of a microbatch "
+                          f"(train.seq_length x train.micro_batch_size = "
+                          f"{cfg.train.seq_length * cfg.train.micro_batch_size}) to be a "
+                          "multiple of 16 (FP8 GEMM shapes)")
 
 
 def _start(cfg: AvrConfig, kind: str):
@@ -21,6 +35,7 @@ def _start(cfg: AvrConfig, kind: str):
 
     check_sources(cfg)
     use_te = uses_transformer_engine(cfg)
+    check_packed_layout(cfg, use_te)
     data = load_training_data(cfg, kind)  # before process groups: fails fast on bad data
     layout = initialize(cfg)
     return data, layout, use_te

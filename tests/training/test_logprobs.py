@@ -13,18 +13,23 @@ def _reference(logits, labels, mask, vocab):
     return torch.where(mask, picked, 0.0)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 4096])
+@pytest.mark.parametrize("chunk", [0, 1, 5, 4096])
 @pytest.mark.parametrize("padded", [0, 11])
-def test_matches_log_softmax_values_and_grads(chunk, padded):
+@pytest.mark.parametrize("masked", ["random", "all"])
+def test_matches_log_softmax_values_and_grads(chunk, padded, masked):
     g = torch.Generator().manual_seed(0)
     vocab, b, s = 37, 3, 9
     logits = (3 * torch.randn(b, s, vocab + padded, generator=g)).requires_grad_()
     labels = torch.randint(0, vocab, (b, s), generator=g)
     mask = torch.rand(b, s, generator=g) > 0.3
+    if masked == "all":  # contiguous rows: read without a gather
+        mask = torch.ones(b, s, dtype=torch.bool)
     weights = torch.randn(b, s, generator=g)
+    before = logits.detach().clone()
 
     ours = token_logprobs(logits, labels, mask, vocab, chunk_size=chunk)
     (ours * weights).sum().backward()
+    assert torch.equal(logits.detach(), before)  # in-place work never touches the logits
     grad = logits.grad.clone()
     logits.grad = None
     ref = _reference(logits, labels, mask, vocab)

@@ -20,7 +20,7 @@ class SFTObjective:
     data_kind = "sft"
     progress_metrics = ("loss",)
 
-    def __init__(self, *, vocab_size: int, use_te: bool, bf16: bool, chunk_size: int = 1024):
+    def __init__(self, *, vocab_size: int, use_te: bool, bf16: bool, chunk_size: int = 0):
         self.logprobs = SequenceLogprobs(vocab_size, chunk_size)
         self.use_te, self.bf16 = use_te, bf16
 
