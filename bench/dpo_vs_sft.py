@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     from avr_megatron.training.setup import build_optimizer, build_scheduler, wrap_ddp
     from avr_megatron.training.step import forward_backward
 
-    tmp = Path(tempfile.mkdtemp(prefix="avr-bench-"))
+    work = tempfile.TemporaryDirectory(prefix="avr-bench-")
+    tmp = Path(work.name)
     tok = train_tiny_tokenizer(tmp / "tok")
     write_jsonl(_records(64), tmp / "pairs.jsonl")
     L = args.seq_length
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
         "dpo_online_vs_sft": tps["dpo_online"] / tps["sft"],
         "dpo_online_vs_dpo_precomputed": tps["dpo_online"] / tps["dpo_precomputed"],
         "goal": "dpo_vs_sft >= 0.9"})
+    work.cleanup()
     return 0
 
 

@@ -80,6 +80,7 @@ class TokenizedDataset:
         self.reward_gap = np.asarray([math.nan if g is None else g for g in reward_gap],
                                      dtype=np.float64) if reward_gap is not None else None
         self.summary = summary
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -115,11 +116,13 @@ class TokenizedDataset:
 
     def fingerprint(self) -> str:
         """Hash of every unit's id and content, in order: the exact training data."""
-        h = hashlib.sha256()
-        for u, rid in enumerate(self.ids):
-            h.update(rid.encode())
-            h.update(self.example_hash(u).encode())
-        return h.hexdigest()[:16]
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for u, rid in enumerate(self.ids):
+                h.update(rid.encode())
+                h.update(self.example_hash(u).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def check_vocab(self, vocab_size: int, source: str) -> None:
         if len(self.tokens) and int(self.tokens.max()) >= vocab_size:

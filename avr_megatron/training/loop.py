@@ -214,7 +214,7 @@ class Trainer:
         metrics_log = MetricsLog(cfg, start, rank0)
         mfu_den = self._mfu_denominator()
         ref_factor = getattr(getattr(self.objective, "reference", None), "flops_factor", 0.0)
-        history: list[dict] = []
+        history = _History()
         status, last_saved = "finished", start if state else None
         t_start = time.time()
         bar = tqdm(total=self.train_iters, initial=start, desc=f"avr train {self.objective.name}",
@@ -261,7 +261,7 @@ class Trainer:
                 if mfu_den:
                     flops = forward_flops(cfg.model, real, sum_sq) * (3 + 3 * ref_factor)
                     row["mfu"] = flops / seconds / mfu_den
-                history.append({"iteration": it + 1, **row})
+                history.add({"iteration": it + 1, **row})
                 metrics_log.log(it + 1, row)
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4g}"
@@ -297,12 +297,10 @@ class Trainer:
         return TrainResult(status, EXIT_PREEMPTED if status == "preempted" else 0, summary,
                            self.chunks, self.optimizer, self.scheduler)
 
-    def _summary(self, status: str, start: int, iteration: int, history: list[dict],
+    def _summary(self, status: str, start: int, iteration: int, history: "_History",
                  t_start: float, exported: str | None) -> dict:
-        seconds = time.time() - t_start
-        last = history[-1] if history else {}
+        last = history.tail[-1] if history.tail else {}
         keys = [k for k in last if k not in ("iteration", "seconds", "lr", "grad_norm", "epoch")]
-        tail = history[-10:]
         summary = {
             "stage": self.objective.name, "status": status, "iteration": iteration,
             "train_iters": self.train_iters, "started_at_iteration": start,
@@ -310,18 +308,35 @@ class Trainer:
             "bins_unused_per_epoch": self.sampler.unused_per_epoch,
             "layout": vars(self.layout), "init": self.init_source,
             "checkpoint_dir": str(self.ckpt_dir), "exported_hf": exported,
-            "seconds": round(seconds, 3),
-            "tokens_per_second": (sum(h["tokens_per_second"] * h["seconds"] for h in history)
-                                  / max(sum(h["seconds"] for h in history), 1e-9)
-                                  if history else None),
-            "first": {k: history[0][k] for k in keys if k in history[0]} if history else {},
+            "seconds": round(time.time() - t_start, 3),
+            "tokens_per_second": (history.tokens / history.seconds if history.seconds else None),
+            "first": {k: history.first[k] for k in keys if k in history.first},
             "last": {k: last[k] for k in keys},
-            "last10_mean": {k: float(np.mean([h[k] for h in tail if h.get(k) is not None]))
+            "last10_mean": {k: float(np.mean([h[k] for h in history.tail]))
                             for k in keys if all(isinstance(h.get(k), (int, float))
-                                                 for h in tail)},
+                                                 for h in history.tail)},
             "data": self.data.summary(),
             **self.extra_summary,
         }
         if is_rank0():
             _write_json(Path(self.cfg.run.dir) / "train_summary.json", summary)
         return summary
+
+
+class _History:
+    """What the summary needs of the per-step rows, in bounded memory (the full record is
+    metrics.jsonl): the first row, the last ten, and token/time totals."""
+
+    def __init__(self):
+        from collections import deque
+
+        self.first: dict = {}
+        self.tail: deque = deque(maxlen=10)
+        self.tokens = self.seconds = 0.0
+
+    def add(self, row: dict) -> None:
+        if not self.first:
+            self.first = row
+        self.tail.append(row)
+        self.tokens += row["tokens_per_second"] * row["seconds"]
+        self.seconds += row["seconds"]
