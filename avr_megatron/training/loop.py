@@ -284,14 +284,16 @@ class Trainer:
                     break
         bar.close()
         iteration = it + 1 if self.train_iters > start else start
-        if status == "preempted" or cfg.checkpoint.save_final:
+        export = status == "finished" and cfg.checkpoint.export_hf is not None
+        if status == "preempted" or cfg.checkpoint.save_final or export:
             if last_saved != iteration:
                 self._save(iteration, counters)
         exported = None
-        if status == "finished":
+        if export:
+            from avr_megatron.checkpoint.dist_ckpt import resolve
             from avr_megatron.training.init import export_final
 
-            exported = export_final(self.chunks, cfg)
+            exported = export_final(resolve(self.ckpt_dir), cfg)
         summary = self._summary(status, start, iteration, history, t_start, exported)
         metrics_log.close(summary)
         return TrainResult(status, EXIT_PREEMPTED if status == "preempted" else 0, summary,

@@ -31,9 +31,10 @@ def _start(cfg: AvrConfig, kind: str):
     from avr_megatron.data.dataset import load_training_data
     from avr_megatron.models.llama import uses_transformer_engine
     from avr_megatron.runtime.distributed import initialize
-    from avr_megatron.training.init import check_sources
+    from avr_megatron.training.init import adopt_hf_model_config, check_sources
 
     check_sources(cfg)
+    adopt_hf_model_config(cfg)
     use_te = uses_transformer_engine(cfg)
     check_packed_layout(cfg, use_te)
     data = load_training_data(cfg, kind)  # before process groups: fails fast on bad data
