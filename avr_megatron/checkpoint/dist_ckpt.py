@@ -161,7 +161,9 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
     _barrier()
     if _rank() == 0:
         meta = checkpoint_meta(iteration, cfg, has_optimizer=optimizer is not None,
-                               num_chunks=len(chunks), state=state)
+                               num_chunks=len(chunks), state=state,
+                               optimizer_steps=_adam_steps(optimizer) if optimizer is not None
+                               else None)
         save_config(cfg, tmp / CONFIG_FILE)
         if hf_assets_from is not None:
             shutil.copytree(hf_assets_from, tmp / HF_ASSETS_DIR)
@@ -183,6 +185,66 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside Megatron's (chained) optimizer wrappers."""
+    return [getattr(opt, "optimizer", None)
+            for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _adam_steps(optimizer) -> list[float | None]:
+    """Per inner torch optimizer, the step count kept in its per-parameter state (torch Adam;
+    Apex/TE fused Adam keep it in the param groups instead: None)."""
+    steps = []
+    for inner in _inner_optimizers(optimizer):
+        values = {float(st["step"]) for st in (inner.state.values() if inner is not None else [])
+                  if torch.is_tensor(st.get("step"))}
+        steps.append(values.pop() if len(values) == 1 else None)
+    return steps
+
+
+def _restore_adam_steps(optimizer, steps: list[float | None] | None) -> None:
+    """Megatron's distributed-optimizer load (dp_reshardable) restores torch Adam's per-parameter
+    `step` from the local, not the saved, value and makes all parameters share one step tensor
+    (which torch Adam then increments once per parameter): Adam's bias correction after a resume
+    would differ from the uninterrupted run. Put back the saved count, one tensor per parameter.
+    (With Apex/TE fused Adam, the step lives in the param groups and loads correctly.)"""
+    if not steps:
+        return
+    for inner, step in zip(_inner_optimizers(optimizer), steps):
+        if inner is None or step is None:
+            continue
+        for st in inner.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a never-stepped optimizer its state tensors before loading into it. Without Apex/TE
+    Megatron wraps torch's Adam, whose per-parameter state (including `step`) only exists after a
+    first step, and the distributed optimizer's state_dict requires it (a resume happens before
+    any step). One step with zero gradients and lr=0 creates the state without changing any
+    parameter (also with decoupled weight decay); the loaded values then replace it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if not params or all(len(inner.state.get(p, {})) for p in params):
+            continue
+        lrs = [g["lr"] for g in inner.param_groups]
+        grads = [p.grad for p in params]
+        with torch.no_grad():
+            for g in inner.param_groups:
+                g["lr"] = 0.0
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            inner.step()
+            for g, lr in zip(inner.param_groups, lrs):
+                g["lr"] = lr
+            for p, grad in zip(params, grads):
+                p.grad = grad
+
+
 def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, optimizer=None,
                     scheduler=None, strict: bool = True) -> dict:
     """Load weights (any TP/PP layout) and, when given, optimizer and scheduler state (same
@@ -195,6 +257,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
         raise CheckpointError(f"{ckpt} has no optimizer state (saved weights only)")
     sharded = _model_sharded_state_dict(chunks)
     if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                             metadata=_OPTIM_METADATA)
     loaded = dist_checkpointing.load(sharded, str(ckpt))
@@ -205,6 +268,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
         # Megatron copies into them outside no_grad.
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer, meta.get("optimizer_steps"))
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     return meta

@@ -25,6 +25,12 @@ COMMANDS: list[Command] = [
             takes_recipe=False),
     Command(("smoke",), "train on synthetic counting sequences: checks an install or a layout",
             "avr_megatron.cli.smoke:run"),
+    Command(("train", "sft"), "supervised fine-tuning on chat data (assistant tokens only)",
+            "avr_megatron.cli.train:sft"),
+    Command(("train", "dpo"), "preference optimisation (DPO, IPO, cDPO, reward-gap aware) on "
+            "preference pairs", "avr_megatron.cli.train:dpo"),
+    Command(("logps",), "compute the reference model's log-probs of every preference pair and "
+            "store them next to the data", "avr_megatron.cli.train:logps"),
     Command(("synth", "stage1"), "stage-1 refinement trees: k criticisms x m improvements of y0, scored",
             "avr_megatron.synth.cli:synth_stage1", "avr_megatron.synth.cli:add_shard_argument"),
     Command(("synth", "stage2"), "stage-2 multi-round refinement search with the stage-1 model",

@@ -154,6 +154,74 @@ def _training(cfg: AvrConfig) -> list[str]:
     return errs
 
 
+@rule
+def _init_from(cfg: AvrConfig) -> list[str]:
+    errs = []
+    for key, init in (("model.init_from", cfg.model.init_from),
+                      ("logps.reference", cfg.logps.reference)):
+        if init.hf is not None and init.mcore is not None:
+            errs.append(f"{key}.hf and {key}.mcore are both set; choose one")
+    return errs
+
+
+@rule
+def _data(cfg: AvrConfig) -> list[str]:
+    d, errs = cfg.data, []
+    errs += _choice(d.overlong, "data.overlong", ("drop", "truncate"))
+    errs += _choice(d.sft_loss_on, "data.sft_loss_on", ("all", "last"))
+    if d.num_epochs is not None and d.num_epochs < 1:
+        errs.append(f"data.num_epochs={d.num_epochs} must be >= 1 (or null)")
+    if cfg.train.max_consecutive_nonfinite < 1:
+        errs.append(f"train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite} "
+                    "must be >= 1")
+    return errs
+
+
+@rule
+def _loss(cfg: AvrConfig) -> list[str]:
+    lo, errs = cfg.loss, []
+    errs += _choice(lo.type, "loss.type", ("sigmoid", "ipo"))
+    errs += _choice(lo.reward_gap, "loss.reward_gap", ("none", "margin", "weight", "soft_label"))
+    errs += _choice(lo.reference, "loss.reference", ("precomputed", "online"))
+    if not lo.beta > 0:
+        errs.append(f"loss.beta={lo.beta} must be > 0")
+    if not 0 <= lo.label_smoothing < 0.5:
+        errs.append(f"loss.label_smoothing={lo.label_smoothing} must be in [0, 0.5)")
+    if lo.label_smoothing > 0 and lo.type != "sigmoid":
+        errs.append(f"loss.label_smoothing={lo.label_smoothing} (conservative DPO) needs "
+                    f"loss.type=sigmoid, got {lo.type!r}")
+    if lo.reward_gap == "soft_label":
+        if lo.type != "sigmoid":
+            errs.append(f"loss.reward_gap=soft_label needs loss.type=sigmoid, got {lo.type!r}")
+        if lo.label_smoothing > 0:
+            errs.append("loss.reward_gap=soft_label replaces loss.label_smoothing; set "
+                        "loss.label_smoothing=0")
+    if lo.sft_weight < 0:
+        errs.append(f"loss.sft_weight={lo.sft_weight} must be >= 0")
+    if not lo.reward_gap_scale > 0:
+        errs.append(f"loss.reward_gap_scale={lo.reward_gap_scale} must be > 0")
+    if not lo.reward_gap_weight_max > 0:
+        errs.append(f"loss.reward_gap_weight_max={lo.reward_gap_weight_max} must be > 0")
+    if lo.logprob_chunk_size < 0:
+        errs.append(f"loss.logprob_chunk_size={lo.logprob_chunk_size} must be >= 0 (0: auto)")
+    if cfg.logps.save_every < 1:
+        errs.append(f"logps.save_every={cfg.logps.save_every} must be >= 1")
+    return errs
+
+
+@rule
+def _checkpoint_and_logging(cfg: AvrConfig) -> list[str]:
+    c, errs = cfg.checkpoint, []
+    if c.save_interval < 0:
+        errs.append(f"checkpoint.save_interval={c.save_interval} must be >= 0 (0: only at the "
+                    "end and on SIGTERM/SIGUSR1)")
+    if c.keep_last < 0:
+        errs.append(f"checkpoint.keep_last={c.keep_last} must be >= 0 (0 keeps all)")
+    if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
+        errs.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (or null)")
+    return errs
+
+
 SYNTH_BACKENDS = ("transformers", "vllm", "server")
 
 

@@ -21,44 +21,72 @@ class StepResult:
     updated: bool
 
 
+def _as_sum_count(value: torch.Tensor) -> torch.Tensor:
+    """A reported metric as [sum, count]: a scalar is one observation (sum=value, count=1); a
+    2-element tensor already is [sum, count] (count 0: a total, reported as the sum)."""
+    value = value.detach().double().reshape(-1)
+    if value.numel() == 1:
+        return torch.stack([value[0], torch.ones((), dtype=torch.float64, device=value.device)])
+    if value.numel() != 2:
+        raise ValueError(f"a metric must be a scalar or [sum, count], got {value.numel()} values")
+    return value
+
+
 def _reduce_metrics(reported: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Average the last pipeline stage's per-microbatch metrics, then broadcast them to all
-    ranks (the last stage is the only one that computed them)."""
+    """Sum each metric's [sum, count] over this rank's microbatches and the data-parallel ranks,
+    then divide (scalar metrics: the mean over microbatches and ranks). Only the last pipeline
+    stage computed them; it broadcasts the result to the other stages."""
     from megatron.core import parallel_state
 
     names = sorted(reported[0]) if reported else []
-    values = torch.zeros(0)
+    result: dict[str, float] = {}
     if reported:
-        values = torch.stack([torch.stack([r[k].detach().float().reshape(()) for k in names])
-                              for r in reported]).mean(0)
-        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-        values /= parallel_state.get_data_parallel_world_size()
+        sums = torch.stack([torch.stack([_as_sum_count(r[k]).cpu() for k in names])
+                            for r in reported]).sum(0)  # [metrics, 2]
+        group = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(group) > 1:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            sums = sums.to(device)
+            dist.all_reduce(sums, group=group)
+            sums = sums.cpu()
+        for name, (total, count) in zip(names, sums.tolist()):
+            result[name] = total / count if count else total
     # PP: ship names and values from the last stage to the others.
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        payload = [(names, values.tolist()) if reported else None]
+        payload = [result if reported else None]
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         dist.broadcast_object_list(payload, src=last,
                                    group=parallel_state.get_pipeline_model_parallel_group())
-        names, vals = payload[0]
-        return dict(zip(names, vals))
-    return dict(zip(names, values.tolist()))
+        return payload[0]
+    return result
+
+
+def forward_backward(forward_step: Callable, data_iterator: Iterator | list[Iterator],
+                     chunks: list[torch.nn.Module], *, num_microbatches: int, seq_length: int,
+                     micro_batch_size: int, forward_only: bool = False) -> dict[str, float]:
+    """Megatron's schedule over the microbatches (gradients are accumulated and, unless
+    forward_only, reduced and normalised by finalize_model_grads); returns reduced metrics."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    reported = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=chunks,
+        num_microbatches=num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=forward_only)
+    return _reduce_metrics(reported)
 
 
 def train_step(forward_step: Callable, data_iterator: Iterator | list[Iterator],
                chunks: list[torch.nn.Module], optimizer, scheduler, *, num_microbatches: int,
                seq_length: int, micro_batch_size: int, global_batch_size: int) -> StepResult:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reported = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data_iterator, model=chunks,
-        num_microbatches=num_microbatches, seq_length=seq_length,
-        micro_batch_size=micro_batch_size, forward_only=False)
+    metrics = forward_backward(forward_step, data_iterator, chunks,
+                               num_microbatches=num_microbatches, seq_length=seq_length,
+                               micro_batch_size=micro_batch_size)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
-    return StepResult(metrics=_reduce_metrics(reported),
+    return StepResult(metrics=metrics,
                       grad_norm=None if grad_norm is None else float(grad_norm),
                       lr=optimizer.param_groups[0]["lr"], updated=bool(updated))

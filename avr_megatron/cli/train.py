@@ -1,0 +1,70 @@
+"""`avr train sft|dpo` and `avr logps`: training stages and reference log-probs from a recipe.
+
+Exit codes: 0 done, 2 bad recipe/data/reference log-probs (message names the key, file, record
+or field), 1 aborted (non-finite losses), 75 preempted (SIGTERM/SIGUSR1: checkpoint saved;
+rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def shutdown() -> None:
+    """Tear down process groups if any were created (bad input fails before that)."""
+    if "megatron.core.parallel_state" in sys.modules:
+        from avr_megatron.runtime.distributed import shutdown as full_shutdown
+
+        full_shutdown()
+
+
+def _report(stage: str, fn, cfg) -> int:
+    from avr_megatron.data.records import DataError
+    from avr_megatron.runtime.distributed import is_rank0
+    from avr_megatron.training.loop import TrainingAborted
+    from avr_megatron.training.reference import ReferenceLogpsError
+
+    try:
+        result = fn(cfg)
+    except (DataError, ReferenceLogpsError) as e:
+        print(f"avr {stage}: error: {e}", file=sys.stderr)
+        shutdown()
+        return 2
+    except TrainingAborted as e:
+        print(f"avr {stage}: aborted: {e}", file=sys.stderr)
+        shutdown()
+        return 1
+    code = 0
+    if hasattr(result, "summary") and is_rank0():
+        s = result.summary
+        last = s["last"]
+        shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "rewards/accuracies")
+                          if isinstance(last.get(k), float))
+        print(f"avr {stage}: {s['status']} at iteration {s['iteration']}/{s['train_iters']} "
+              f"({shown}); summary in {cfg.run.dir}/train_summary.json, checkpoints in "
+              f"{s['checkpoint_dir']}")
+        code = result.exit_code
+    elif is_rank0():
+        path, computed = result
+        print(f"avr {stage}: reference log-probs {'written to' if computed else 'up to date in'}"
+              f" {path}")
+    shutdown()
+    return code
+
+
+def sft(args, cfg) -> int:
+    from avr_megatron.training.stages import run_sft
+
+    return _report("train sft", run_sft, cfg)
+
+
+def dpo(args, cfg) -> int:
+    from avr_megatron.training.stages import run_dpo
+
+    return _report("train dpo", run_dpo, cfg)
+
+
+def logps(args, cfg) -> int:
+    from avr_megatron.training.stages import run_logps
+
+    return _report("logps", run_logps, cfg)

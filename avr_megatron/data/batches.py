@@ -1,0 +1,152 @@
+"""Packed microbatches: bins laid out as fixed-length rows, a table of the sequences in them, and
+the attention inputs that keep every sequence to itself.
+
+Inside a bin, sequence i occupies tokens [start_i, start_i + len_i); the rest is padding. Labels
+are next tokens within a sequence (a sequence's last token has none), and a label is trained when
+the token it predicts is an assistant token. Position ids restart at 0 for each sequence.
+
+Attention: on the local (non-TE) layer spec a block-diagonal causal mask ([b, 1, s, s], True =
+masked out, Megatron's convention) confines each token to earlier tokens of its own sequence.
+RoPE in Megatron's GPTModel ignores position ids and rotates by the position within the row;
+attention scores depend only on the distance between query and key, which is the same within a
+sequence wherever it sits in the bin, so the block mask alone reproduces unpacked attention. On
+Transformer Engine the microbatch is flattened to one row in THD layout with cumulative sequence
+lengths (PackedSeqParams), and TE restarts the rotary positions at each sequence itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from avr_megatron.data.packing import PackingPlan
+from avr_megatron.data.tokenized import TokenizedDataset
+
+CHOSEN, REJECTED = 0, 1  # sequence roles inside a preference unit (SFT sequences are role 0)
+
+
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor  # int64 [bins, L]
+    labels: torch.Tensor  # int64 [bins, L]
+    loss_mask: torch.Tensor  # bool [bins, L]: label is a trained (assistant) token
+    position_ids: torch.Tensor  # int64 [bins, L], restart at 0 per sequence
+    segment: torch.Tensor  # int64 [bins, L]: sequence index in this batch, -1 for padding
+    # Sequence table, one entry per sequence in the batch.
+    seq_unit: torch.Tensor  # int64: unit (example) index in the dataset
+    seq_role: torch.Tensor  # int64: CHOSEN / REJECTED (0 for SFT)
+    seq_targets: torch.Tensor  # int64: trained labels per sequence
+    # Preference units: indices into the sequence table, and the pair's data.
+    pair_chosen: torch.Tensor | None = None
+    pair_rejected: torch.Tensor | None = None
+    reward_gap: torch.Tensor | None = None  # float64 (nan where the data has none)
+    # Reference log-probs per pair (sum over trained tokens), attached before the step.
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.seq_unit.numel())
+
+    @property
+    def num_pairs(self) -> int:
+        return 0 if self.pair_chosen is None else int(self.pair_chosen.numel())
+
+    @property
+    def pair_units(self) -> torch.Tensor:
+        return self.seq_unit[self.pair_chosen]
+
+    def real_tokens(self) -> int:
+        return int((self.segment >= 0).sum())
+
+
+def collate(data: TokenizedDataset, plan: PackingPlan, bins: Sequence[int],
+            pad_id: int) -> PackedBatch:
+    L = plan.capacity
+    n = len(bins)
+    tokens = np.full((n, L), pad_id, dtype=np.int64)
+    labels = np.zeros((n, L), dtype=np.int64)
+    loss_mask = np.zeros((n, L), dtype=bool)
+    positions = np.zeros((n, L), dtype=np.int64)
+    segment = np.full((n, L), -1, dtype=np.int64)
+    seq_unit, seq_role, seq_targets = [], [], []
+    pair_c, pair_r = [], []
+    for row, b in enumerate(bins):
+        offset = 0
+        for u in plan.bin(int(b)):
+            for role, s in enumerate(data.unit_sequences(int(u))):
+                ids, mask = data.sequence(s)
+                k, end = len(ids), offset + len(ids)
+                index = len(seq_unit)
+                tokens[row, offset:end] = ids
+                labels[row, offset:end - 1] = ids[1:]
+                loss_mask[row, offset:end - 1] = mask[1:]
+                positions[row, offset:end] = np.arange(k)
+                segment[row, offset:end] = index
+                seq_unit.append(int(u))
+                seq_role.append(role)
+                seq_targets.append(int(mask[1:].sum()))
+                if data.seqs_per_unit == 2:
+                    (pair_c if role == CHOSEN else pair_r).append(index)
+                offset = end
+        assert offset <= L, "packing plan overfills a bin"
+    batch = PackedBatch(
+        tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
+        loss_mask=torch.from_numpy(loss_mask), position_ids=torch.from_numpy(positions),
+        segment=torch.from_numpy(segment),
+        seq_unit=torch.tensor(seq_unit, dtype=torch.int64),
+        seq_role=torch.tensor(seq_role, dtype=torch.int64),
+        seq_targets=torch.tensor(seq_targets, dtype=torch.int64))
+    if data.seqs_per_unit == 2:
+        batch.pair_chosen = torch.tensor(pair_c, dtype=torch.int64)
+        batch.pair_rejected = torch.tensor(pair_r, dtype=torch.int64)
+        gaps = data.reward_gap[batch.seq_unit[batch.pair_chosen].numpy()]
+        batch.reward_gap = torch.from_numpy(np.ascontiguousarray(gaps))
+    return batch
+
+
+def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
+    """[b, s] segment ids -> [b, 1, s, s] bool, True where attention is masked out. Padding
+    (segment -1) forms one more block so no row is fully masked."""
+    s = segment.shape[1]
+    same = segment[:, :, None] == segment[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment.device).tril_()
+    return ~(same & causal).unsqueeze(1)
+
+
+def cu_seqlens(segment: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative sequence lengths over the flattened batch (bins end to end, each bin's padding
+    one more sequence) and the longest sequence, for THD attention."""
+    b, s = segment.shape
+    flat = segment.reshape(-1)
+    change = torch.ones_like(flat, dtype=torch.bool)
+    change[1:] = flat[1:] != flat[:-1]
+    change[::s] = True  # bins never share a sequence (two padding tails either)
+    starts = torch.nonzero(change).reshape(-1)
+    cu = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def model_inputs(batch: PackedBatch, use_te: bool, device=None) -> dict:
+    """Keyword arguments for GPTModel.forward (input_ids, position_ids, attention_mask,
+    packed_seq_params) for this batch on the local or the Transformer Engine spec."""
+    tokens, positions = batch.tokens, batch.position_ids
+    if device is not None:
+        tokens, positions = tokens.to(device), positions.to(device)
+    if not use_te:
+        segment = batch.segment if device is None else batch.segment.to(device)
+        return {"input_ids": tokens, "position_ids": positions,
+                "attention_mask": block_causal_mask(segment)}
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu, longest = cu_seqlens(batch.segment)
+    if device is not None:
+        cu = cu.to(device)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    return {"input_ids": tokens.reshape(1, -1), "position_ids": positions.reshape(1, -1),
+            "attention_mask": None, "packed_seq_params": params}

@@ -1,0 +1,210 @@
+"""Read SFT and preference records from Parquet / JSONL files, shard directories or globs.
+
+Each record is checked as it is read; a bad one raises `DataError` naming the file, the record
+(row number and id) and the field, and nothing is silently skipped. Only the fields training
+needs are kept; extra columns (provenance, rewards, ...) are ignored.
+
+    SFT:        {"id", "messages": [{"role", "content"}, ...]}   (at least one assistant turn)
+    preference: {"id", "prompt": [messages], "chosen": [assistant message(s)], "rejected": [...],
+                 "reward_gap" | "reward_chosen" + "reward_rejected" (optional)}
+
+This is TRL's conversational preference format; the AvR synthesis writes it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+ROLES = ("system", "user", "assistant")
+_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+class DataError(ValueError):
+    """A data file or record is unusable; the message names file, record and field."""
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    id: str
+    messages: tuple[dict, ...]
+    where: str  # "file: record N (id ...)" for later error messages
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    id: str
+    prompt: tuple[dict, ...]
+    chosen: tuple[dict, ...]
+    rejected: tuple[dict, ...]
+    # reward_chosen - reward_rejected from the reward model; None when the data has none.
+    reward_gap: float | None
+    where: str
+
+
+def resolve_files(path: str | os.PathLike) -> list[Path]:
+    """A file, a directory (its *.parquet / *.jsonl / *.json files, recursively) or a glob ->
+    sorted data files. Raises DataError when nothing matches."""
+    text = str(path)
+    p = Path(text)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _SUFFIXES
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    elif any(ch in text for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(text, recursive=True)
+                       if Path(f).is_file() and Path(f).suffix in _SUFFIXES)
+    else:
+        raise DataError(f"{text}: no such file or directory")
+    if not files:
+        raise DataError(f"{text}: no .parquet, .jsonl or .json files found")
+    for f in files:
+        if f.suffix not in _SUFFIXES:
+            raise DataError(f"{f}: unsupported data file type {f.suffix!r} "
+                            f"(expected one of {', '.join(_SUFFIXES)})")
+    return files
+
+
+def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(row number from 1, raw record) for every record of one file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise DataError(f"{path}: cannot read Parquet: {e}") from e
+        for i, row in enumerate(table.to_pylist(), 1):
+            yield i, row
+        return
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+        f.seek(0)
+        if head == "[":  # a .json file holding one array of records
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: invalid JSON: {e}") from e
+            yield from enumerate(rows, 1)
+            return
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {i}: invalid JSON: {e}") from e
+
+
+def _where(path: Path, row: int, record: Any) -> str:
+    unit = "record" if path.suffix == ".parquet" else "line"
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"{path}: {unit} {row}" + (f" (id {rid!r})" if isinstance(rid, str) else "")
+
+
+def _field(record: dict, name: str, where: str) -> Any:
+    if name not in record:
+        raise DataError(f"{where}: missing field {name!r} (fields: {', '.join(sorted(record))})")
+    return record[name]
+
+
+def _messages(value: Any, field: str, where: str, *, last_role: str | None = None,
+              need_assistant: bool = False) -> tuple[dict, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{where}: field {field!r}: expected a non-empty list of messages, "
+                        f"got {type(value).__name__}")
+    out = []
+    for i, m in enumerate(value):
+        at = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field {at!r}: expected a message object with role and "
+                            f"content, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: field {at + '.role'!r}: expected one of {list(ROLES)}, "
+                            f"got {role!r}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: field {at + '.content'!r}: expected a string, got "
+                            f"{type(content).__name__}")
+        out.append({"role": role, "content": content})
+    if last_role is not None and out[-1]["role"] != last_role:
+        raise DataError(f"{where}: field {field!r}: the last message must have role "
+                        f"{last_role!r}, got {out[-1]['role']!r}")
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: field {field!r}: no assistant message to learn from")
+    return tuple(out)
+
+
+def _completion(value: Any, field: str, where: str) -> tuple[dict, ...]:
+    if isinstance(value, str):  # TRL also accepts a bare completion string
+        value = [{"role": "assistant", "content": value}]
+    return _messages(value, field, where, last_role="assistant")
+
+
+def _number(record: dict, name: str, where: str) -> float | None:
+    value = record.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: field {name!r}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise DataError(f"{where}: field {name!r}: must be finite, got {value}")
+    return float(value)
+
+
+def _id(record: Any, where: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object / table row, got {type(record).__name__}")
+    rid = _field(record, "id", where)
+    if not isinstance(rid, str) or not rid:
+        raise DataError(f"{where}: field 'id': expected a non-empty string, got {rid!r}")
+    return rid
+
+
+def _check_unique(seen: dict[str, str], rid: str, where: str) -> None:
+    if rid in seen:
+        raise DataError(f"{where}: duplicate id {rid!r} (first seen at {seen[rid]})")
+    seen[rid] = where
+
+
+def read_sft(path: str | os.PathLike) -> list[SFTRecord]:
+    out, seen = [], {}
+    for f in resolve_files(path):
+        for row, record in _rows(f):
+            where = _where(f, row, record)
+            rid = _id(record, where)
+            _check_unique(seen, rid, where)
+            messages = _messages(_field(record, "messages", where), "messages", where,
+                                 need_assistant=True)
+            out.append(SFTRecord(rid, messages, where))
+    return out
+
+
+def read_preferences(path: str | os.PathLike) -> list[PreferenceRecord]:
+    out, seen = [], {}
+    for f in resolve_files(path):
+        for row, record in _rows(f):
+            where = _where(f, row, record)
+            rid = _id(record, where)
+            _check_unique(seen, rid, where)
+            prompt = _messages(_field(record, "prompt", where), "prompt", where)
+            if prompt[-1]["role"] == "assistant":
+                raise DataError(f"{where}: field 'prompt': the prompt must end with a user (or "
+                                "system) message, not an assistant one")
+            chosen = _completion(_field(record, "chosen", where), "chosen", where)
+            rejected = _completion(_field(record, "rejected", where), "rejected", where)
+            gap = _number(record, "reward_gap", where)
+            rc, rr = _number(record, "reward_chosen", where), _number(record, "reward_rejected",
+                                                                      where)
+            if gap is None and rc is not None and rr is not None:
+                gap = rc - rr
+            out.append(PreferenceRecord(rid, prompt, chosen, rejected, gap, where))
+    return out

@@ -1,0 +1,212 @@
+"""Records -> a tokenised dataset of packing units, with the over-length rule applied and
+counted.
+
+A unit is what packing must keep whole: one SFT conversation, or one preference pair (chosen and
+rejected sequences, each the prompt followed by that completion). Token ids and masks live in
+flat arrays (no per-example Python objects), so a large dataset stays compact on every rank.
+
+Over-length units (longer than one bin, `seq_length`; a pair needs chosen + rejected to fit one
+bin) are dropped or truncated by `data.overlong` and counted by reason in `DataSummary`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from avr_megatron.data.chat import ChatTokenizer, Encoded
+from avr_megatron.data.records import DataError, PreferenceRecord, SFTRecord
+
+_BATCH = 512  # records rendered and tokenised together
+
+
+@dataclass
+class DataSummary:
+    kind: str
+    records: int = 0
+    used: int = 0
+    # reason -> count: too_long (overlong=drop), prompt_too_long (no room left for completions
+    # after truncation), no_target_after_truncation (SFT: the kept part has no assistant token).
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    # Tokens whose next-token prediction is trained (assistant tokens after the first).
+    target_tokens: int = 0
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cap_pair(chosen: Encoded, rejected: Encoded, capacity: int) -> tuple[int, int] | None:
+    """Lengths to keep of (chosen, rejected) so both fit one bin, shortening the longer
+    completion first; None when the prompts alone leave no room (at least one completion token
+    each)."""
+    pc, pr = int(chosen.mask.argmax()), int(rejected.mask.argmax())  # prompt token counts
+    c, r = len(chosen.ids) - pc, len(rejected.ids) - pr
+    budget = capacity - pc - pr
+    if budget < 2:
+        return None
+    if 2 * min(c, r) >= budget:
+        kc = kr = budget // 2
+    else:
+        kc, kr = (c, budget - c) if c <= r else (budget - r, r)
+    return pc + min(c, kc), pr + min(r, kr)
+
+
+class TokenizedDataset:
+    """Units of 1 (SFT) or 2 (chosen, rejected) sequences, in record order."""
+
+    def __init__(self, kind: str, ids: list[str], seqs: list[Encoded],
+                 reward_gap: Sequence[float | None] | None, summary: DataSummary):
+        self.kind = kind
+        self.seqs_per_unit = 1 if kind == "sft" else 2
+        assert len(seqs) == len(ids) * self.seqs_per_unit
+        self.ids = ids
+        self.index = {rid: i for i, rid in enumerate(ids)}
+        lengths = np.asarray([len(s.ids) for s in seqs], dtype=np.int64)
+        self.seq_offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.seq_offsets[1:])
+        self.tokens = (np.concatenate([s.ids for s in seqs]) if seqs
+                       else np.zeros(0, np.int32)).astype(np.int32)
+        self.mask = np.concatenate([s.mask for s in seqs]) if seqs else np.zeros(0, bool)
+        self.reward_gap = np.asarray([math.nan if g is None else g for g in reward_gap],
+                                     dtype=np.float64) if reward_gap is not None else None
+        self.summary = summary
+        self._fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sequence(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.seq_offsets[s], self.seq_offsets[s + 1]
+        return self.tokens[lo:hi], self.mask[lo:hi]
+
+    def sequence_targets(self, s: int) -> int:
+        """Trained labels of sequence s (assistant tokens after its first token)."""
+        return int(self.sequence(s)[1][1:].sum())
+
+    def unit_sequences(self, u: int) -> range:
+        return range(u * self.seqs_per_unit, (u + 1) * self.seqs_per_unit)
+
+    @property
+    def seq_lengths(self) -> np.ndarray:
+        return np.diff(self.seq_offsets)
+
+    @property
+    def unit_lengths(self) -> np.ndarray:
+        return self.seq_lengths.reshape(-1, self.seqs_per_unit).sum(1)
+
+    def example_hash(self, u: int) -> str:
+        """Identifies exactly what a unit's log-probs are computed over: token ids and masks."""
+        h = hashlib.sha256()
+        for s in self.unit_sequences(u):
+            ids, mask = self.sequence(s)
+            h.update(np.int64(len(ids)).tobytes())
+            h.update(ids.astype(np.int32).tobytes())
+            h.update(np.packbits(mask).tobytes())
+        return h.hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """Hash of every unit's id and content, in order: the exact training data."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for u, rid in enumerate(self.ids):
+                h.update(rid.encode())
+                h.update(self.example_hash(u).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def check_vocab(self, vocab_size: int, source: str) -> None:
+        if len(self.tokens) and int(self.tokens.max()) >= vocab_size:
+            bad = int(np.argmax(self.tokens >= vocab_size))
+            seq = int(np.searchsorted(self.seq_offsets, bad, side="right") - 1)
+            raise DataError(
+                f"token id {int(self.tokens[bad])} of example {self.ids[seq // self.seqs_per_unit]!r}"
+                f" ({source}) is >= model.vocab_size={vocab_size}: the tokenizer does not fit "
+                "the model")
+
+
+def tokenize_sft(records: Sequence[SFTRecord], chat: ChatTokenizer, seq_length: int,
+                 overlong: str, loss_on: str) -> TokenizedDataset:
+    summary = DataSummary("sft", records=len(records))
+    ids, seqs = [], []
+    for start in range(0, len(records), _BATCH):
+        batch = records[start:start + _BATCH]
+        encoded = chat.tokenize([chat.render(r.messages, loss_on, r.where) for r in batch],
+                                [r.where for r in batch])
+        for rec, enc in zip(batch, encoded):
+            if len(enc.ids) > seq_length:
+                if overlong == "drop":
+                    summary.drop("too_long")
+                    continue
+                enc = Encoded(enc.ids[:seq_length], enc.mask[:seq_length])
+                if not enc.mask[1:].any():
+                    summary.drop("no_target_after_truncation")
+                    continue
+                summary.truncated += 1
+            if not enc.mask[1:].any():  # only the very first token is an assistant token
+                summary.drop("no_target_after_truncation")
+                continue
+            ids.append(rec.id)
+            seqs.append(enc)
+            summary.tokens += len(enc.ids)
+            summary.target_tokens += int(enc.mask[1:].sum())
+    summary.used, summary.sequences = len(ids), len(seqs)
+    return TokenizedDataset("sft", ids, seqs, None, summary)
+
+
+def tokenize_preferences(records: Sequence[PreferenceRecord], chat: ChatTokenizer,
+                         seq_length: int, overlong: str) -> TokenizedDataset:
+    summary = DataSummary("preference", records=len(records))
+    ids, seqs, gaps = [], [], []
+    for start in range(0, len(records), _BATCH):
+        batch = records[start:start + _BATCH]
+        rendered, wheres = [], []
+        for r in batch:
+            for completion in (r.chosen, r.rejected):
+                rendered.append(chat.render([*r.prompt, *completion], "last", r.where))
+                wheres.append(r.where)
+        encoded = chat.tokenize(rendered, wheres)
+        for k, rec in enumerate(batch):
+            chosen, rejected = encoded[2 * k], encoded[2 * k + 1]
+            if len(chosen.ids) + len(rejected.ids) > seq_length:
+                if overlong == "drop":
+                    summary.drop("too_long")
+                    continue
+                keep = _cap_pair(chosen, rejected, seq_length)
+                if keep is None:
+                    summary.drop("prompt_too_long")
+                    continue
+                chosen = Encoded(chosen.ids[:keep[0]], chosen.mask[:keep[0]])
+                rejected = Encoded(rejected.ids[:keep[1]], rejected.mask[:keep[1]])
+                summary.truncated += 1
+            ids.append(rec.id)
+            seqs += [chosen, rejected]
+            gaps.append(rec.reward_gap)
+            for s in (chosen, rejected):
+                summary.tokens += len(s.ids)
+                summary.target_tokens += int(s.mask[1:].sum())
+    summary.used, summary.sequences = len(ids), len(seqs)
+    return TokenizedDataset("preference", ids, seqs, gaps, summary)
+
+
+def require_reward_gaps(data: TokenizedDataset, mode: str,
+                        records: Sequence[PreferenceRecord]) -> None:
+    """loss.reward_gap needs a positive gap on every pair used; name the first offender."""
+    where = {r.id: r.where for r in records}
+    for u, gap in enumerate(data.reward_gap):
+        if math.isnan(gap):
+            raise DataError(f"{where[data.ids[u]]}: loss.reward_gap={mode} needs a reward gap, "
+                            "but the record has neither reward_gap nor reward_chosen + "
+                            "reward_rejected")
+        if mode in ("margin", "weight") and gap <= 0:
+            raise DataError(f"{where[data.ids[u]]}: field 'reward_gap': loss.reward_gap={mode} "
+                            f"needs chosen to outscore rejected (gap > 0), got {gap}")

@@ -1,0 +1,344 @@
+"""The one training loop. It knows Megatron (schedules, DDP, optimizer, checkpoints), data
+sharding, logging and fault handling; what is learned comes from the injected objective:
+
+    objective.name / .data_kind / .progress_metrics
+    objective.prepare(batches)                    attach per-step inputs (reference log-probs)
+    objective.forward_step(data_iterator, model)  Megatron's forward step: (output, loss_func)
+                                                  loss_func -> (loss_sum, count, metrics)
+
+Losses are normalised by the global count (Megatron's per-token loss: gradients are divided by
+the sum of counts over all microbatches and data-parallel ranks), so a step's loss does not
+depend on micro-batching or the parallel layout.
+
+Faults: a step whose loss or gradients are not finite is skipped (no update) and counted, and
+train.max_consecutive_nonfinite in a row abort. SIGTERM/SIGUSR1 checkpoint and stop with
+EXIT_PREEMPTED. Checkpoints hold model, optimizer, scheduler and the step; the data order is a
+function of the step, so a resumed run reproduces the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from avr_megatron.config import AvrConfig, ConfigError, save_config
+from avr_megatron.data.batches import collate
+from avr_megatron.data.dataset import TrainingData
+from avr_megatron.data.sampler import StepSampler
+from avr_megatron.runtime.distributed import ParallelLayout, is_rank0
+from avr_megatron.training.signals import EXIT_PREEMPTED, PreemptionSignals
+
+log = logging.getLogger(__name__)
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished | preempted
+    exit_code: int
+    summary: dict
+    chunks: list
+    optimizer: object
+    scheduler: object
+
+
+def _device():
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+
+def grads_finite(chunks) -> bool:
+    """This rank's gradient buffers are all finite (with the distributed optimizer a rank's
+    buffer holds its reduced shard and its own unreduced gradients elsewhere: any non-finite
+    value of the reduced gradient shows up on some rank)."""
+    for chunk in chunks:
+        for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
+            if buffer.grad_data is not None and not torch.isfinite(buffer.grad_data).all():
+                return False
+    return True
+
+
+def _any_rank(*flags: bool) -> list[bool]:
+    """OR of each flag over all ranks, in one all-reduce."""
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg: AvrConfig, objective, data: TrainingData, layout: ParallelLayout,
+                 *, use_te: bool, progress: bool = True, extra_summary: dict | None = None):
+        self.cfg, self.objective, self.data, self.layout = cfg, objective, data, layout
+        self.use_te, self.progress = use_te, progress
+        self.extra_summary = extra_summary or {}
+        t = cfg.train
+        self.bins_per_microbatch = t.micro_batch_size
+        self.sampler = StepSampler(data.plan.num_bins, t.global_batch_size, cfg.run.seed,
+                                   cfg.data.shuffle)
+        self.train_iters = (cfg.data.num_epochs * self.sampler.steps_per_epoch
+                            if cfg.data.num_epochs else t.train_iters)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run.dir) / "checkpoints")
+
+    # ---------------------------------------------------------------- setup
+
+    def _build(self):
+        from avr_megatron.checkpoint.dist_ckpt import CheckpointError, load_checkpoint, resolve
+        from avr_megatron.models.llama import build_model, unwrap
+        from avr_megatron.runtime.distributed import seed_everything
+        from avr_megatron.training.init import load_initial_weights
+        from avr_megatron.training.setup import build_optimizer, build_scheduler, wrap_ddp
+
+        cfg = self.cfg
+        resume_from = None
+        if cfg.checkpoint.resume:
+            try:
+                resume_from = resolve(self.ckpt_dir)
+            except CheckpointError:
+                resume_from = None
+        seed_everything(cfg.run.seed)
+        chunks = build_model(cfg)
+        # Per-token normalisation: Megatron divides gradients by the global sum of counts
+        # (set before DDP is built: it decides the DP gradient scaling).
+        for chunk in chunks:
+            unwrap(chunk).config.calculate_per_token_loss = True
+        self.init_source = "resume"
+        if resume_from is None:
+            self.init_source = load_initial_weights(chunks, cfg, cfg.model.init_from,
+                                                    "model.init_from")
+        chunks = wrap_ddp(chunks, cfg)
+        cfg.train.train_iters = self.train_iters  # the LR schedule spans the real run length
+        optimizer = build_optimizer(chunks, cfg)
+        scheduler = build_scheduler(optimizer, cfg)
+        state = {}
+        if resume_from is not None:
+            meta = load_checkpoint(resume_from, chunks, optimizer=optimizer, scheduler=scheduler)
+            state = meta["state"]
+            self._check_resume(state, resume_from)
+            log.info("resumed from %s at iteration %d", resume_from, meta["iteration"])
+        self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
+        return state
+
+    def _check_resume(self, state: dict, ckpt: Path) -> None:
+        if state.get("stage") not in (None, self.objective.name):
+            raise ConfigError(f"{ckpt} is a {state['stage']!r} checkpoint; this is a "
+                              f"{self.objective.name!r} run: use another checkpoint.dir or "
+                              "start from it with model.init_from.mcore")
+        mine = self.data.data.fingerprint()
+        if state.get("examples_fingerprint") not in (None, mine):
+            raise ConfigError(
+                f"{ckpt} was trained on other data (examples fingerprint "
+                f"{state['examples_fingerprint']}, now {mine}): resuming would not continue the "
+                "same run; use a new checkpoint.dir (and model.init_from.mcore to start from it)")
+
+    # ---------------------------------------------------------------- per step
+
+    def _batches(self, step: int):
+        from megatron.core import parallel_state
+
+        bins = self.sampler.rank_batch(step, parallel_state.get_data_parallel_rank(),
+                                       self.layout.dp)
+        k = self.bins_per_microbatch
+        return [collate(self.data.data, self.data.plan, bins[i:i + k], self.data.chat.pad_id)
+                for i in range(0, len(bins), k)]
+
+    def _step_tokens(self, step: int) -> tuple[int, int, int]:
+        """(real tokens, trained tokens, sum of squared sequence lengths) of the global batch."""
+        d, plan = self.data.data, self.data.plan
+        units = np.concatenate([plan.bin(int(b)) for b in self.sampler.global_batch(step)])
+        seqs = np.concatenate([np.arange(u * d.seqs_per_unit, (u + 1) * d.seqs_per_unit)
+                               for u in units])
+        lengths = d.seq_lengths[seqs]
+        targets = sum(d.sequence_targets(int(s)) for s in seqs)
+        return int(lengths.sum()), int(targets), int((lengths ** 2).sum())
+
+    def _save(self, iteration: int, counters: dict) -> Path:
+        from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
+
+        state = {"stage": self.objective.name, "iteration": iteration,
+                 "consumed_bins": iteration * self.cfg.train.global_batch_size,
+                 "examples_fingerprint": self.data.data.fingerprint(), **counters}
+        keep = self.cfg.checkpoint.keep_last or None
+        return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
+                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                               keep_last=keep)
+
+    def _mfu_denominator(self) -> float | None:
+        if not torch.cuda.is_available():
+            return None
+        from avr_megatron.training.flops import peak_flops
+
+        peak = peak_flops(torch.cuda.get_device_name(), self.cfg.precision.fp8 is not None,
+                          self.cfg.logging.peak_tflops)
+        return None if peak is None else peak * self.layout.world_size
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> TrainResult:
+        from tqdm import tqdm
+
+        from avr_megatron.training.flops import forward_flops
+        from avr_megatron.training.metrics_log import MetricsLog
+        from avr_megatron.training.reference import schedule_shape
+        from avr_megatron.training.setup import num_microbatches
+        from avr_megatron.training.step import forward_backward
+
+        cfg, rank0 = self.cfg, is_rank0()
+        state = self._build()
+        start = int(state.get("iteration", 0))
+        counters = {"skipped_steps": int(state.get("skipped_steps", 0)),
+                    "nonfinite_streak": int(state.get("nonfinite_streak", 0))}
+        seq_length, mbs = schedule_shape(cfg.train.seq_length, self.bins_per_microbatch,
+                                         self.use_te)
+        n_mb = num_microbatches(cfg, self.layout)
+        if rank0:
+            save_config(cfg, Path(cfg.run.dir) / "config.yaml")
+        metrics_log = MetricsLog(cfg, start, rank0)
+        mfu_den = self._mfu_denominator()
+        ref_factor = getattr(getattr(self.objective, "reference", None), "flops_factor", 0.0)
+        history = _History()
+        status, last_saved = "finished", start if state else None
+        t_start = time.time()
+        bar = tqdm(total=self.train_iters, initial=start, desc=f"avr train {self.objective.name}",
+                   disable=not (self.progress and cfg.logging.progress_bar and rank0),
+                   dynamic_ncols=True)
+        it = start
+        with PreemptionSignals() as signals:
+            for it in range(start, self.train_iters):
+                t0 = time.time()
+                batches = self._batches(it)
+                self.objective.prepare(batches)
+                for chunk in self.chunks:
+                    chunk.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                iters = [iter(batches) for _ in self.chunks]
+                metrics = forward_backward(
+                    self.objective.forward_step, iters if len(self.chunks) > 1 else iters[0],
+                    self.chunks, num_microbatches=n_mb, seq_length=seq_length,
+                    micro_batch_size=mbs)
+                loss = metrics.get("loss", math.nan)
+                bad, stop = _any_rank(not (math.isfinite(loss) and grads_finite(self.chunks)),
+                                      signals.received is not None)
+                grad_norm, lr = None, self.optimizer.param_groups[0]["lr"]
+                if bad:
+                    counters["skipped_steps"] += 1
+                    counters["nonfinite_streak"] += 1
+                    log.warning("iteration %d: non-finite loss or gradients (loss=%s); step "
+                                "skipped (%d in a row)", it + 1, loss,
+                                counters["nonfinite_streak"])
+                else:
+                    counters["nonfinite_streak"] = 0
+                    updated, grad_norm, _ = self.optimizer.step()
+                    if updated:
+                        self.scheduler.step(increment=1)
+                    grad_norm = None if grad_norm is None else float(grad_norm)
+                seconds = time.time() - t0
+                real, targets, sum_sq = self._step_tokens(it)
+                row = {**metrics, "lr": lr, "grad_norm": grad_norm, "seconds": seconds,
+                       "tokens_per_second": real / seconds,
+                       "padding_fraction": 1 - real / (cfg.train.global_batch_size
+                                                       * cfg.train.seq_length),
+                       "target_tokens": targets, "skipped_steps": counters["skipped_steps"],
+                       "epoch": self.sampler.epoch_of(it + 1)}
+                if mfu_den:
+                    flops = forward_flops(cfg.model, real, sum_sq) * (3 + 3 * ref_factor)
+                    row["mfu"] = flops / seconds / mfu_den
+                history.add({"iteration": it + 1, **row})
+                metrics_log.log(it + 1, row)
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4g}"
+                                 for k in self.objective.progress_metrics if k in row})
+                if counters["nonfinite_streak"] >= cfg.train.max_consecutive_nonfinite:
+                    bar.close()
+                    summary = self._summary("aborted", start, it + 1, history, t_start, None)
+                    metrics_log.close(summary)
+                    raise TrainingAborted(
+                        f"{counters['nonfinite_streak']} steps in a row had non-finite loss or "
+                        f"gradients (train.max_consecutive_nonfinite="
+                        f"{cfg.train.max_consecutive_nonfinite}); last loss {loss}. Summary in "
+                        f"{Path(cfg.run.dir) / 'train_summary.json'}")
+                interval = cfg.checkpoint.save_interval
+                if interval and (it + 1) % interval == 0:
+                    self._save(it + 1, counters)
+                    last_saved = it + 1
+                if stop:
+                    status = "preempted"
+                    break
+        bar.close()
+        iteration = it + 1 if self.train_iters > start else start
+        export = status == "finished" and cfg.checkpoint.export_hf is not None
+        if status == "preempted" or cfg.checkpoint.save_final or export:
+            if last_saved != iteration:
+                self._save(iteration, counters)
+        exported = None
+        if export:
+            from avr_megatron.checkpoint.dist_ckpt import resolve
+            from avr_megatron.training.init import export_final
+
+            exported = export_final(resolve(self.ckpt_dir), cfg)
+        summary = self._summary(status, start, iteration, history, t_start, exported)
+        metrics_log.close(summary)
+        return TrainResult(status, EXIT_PREEMPTED if status == "preempted" else 0, summary,
+                           self.chunks, self.optimizer, self.scheduler)
+
+    def _summary(self, status: str, start: int, iteration: int, history: "_History",
+                 t_start: float, exported: str | None) -> dict:
+        last = history.tail[-1] if history.tail else {}
+        keys = [k for k in last if k not in ("iteration", "seconds", "lr", "grad_norm", "epoch")]
+        summary = {
+            "stage": self.objective.name, "status": status, "iteration": iteration,
+            "train_iters": self.train_iters, "started_at_iteration": start,
+            "steps_per_epoch": self.sampler.steps_per_epoch,
+            "bins_unused_per_epoch": self.sampler.unused_per_epoch,
+            "layout": vars(self.layout), "init": self.init_source,
+            "checkpoint_dir": str(self.ckpt_dir), "exported_hf": exported,
+            "seconds": round(time.time() - t_start, 3),
+            "tokens_per_second": (history.tokens / history.seconds if history.seconds else None),
+            "first": {k: history.first[k] for k in keys if k in history.first},
+            "last": {k: last[k] for k in keys},
+            "last10_mean": {k: float(np.mean([h[k] for h in history.tail]))
+                            for k in keys if all(isinstance(h.get(k), (int, float))
+                                                 for h in history.tail)},
+            "data": self.data.summary(),
+            **self.extra_summary,
+        }
+        if is_rank0():
+            _write_json(Path(self.cfg.run.dir) / "train_summary.json", summary)
+        return summary
+
+
+class _History:
+    """What the summary needs of the per-step rows, in bounded memory (the full record is
+    metrics.jsonl): the first row, the last ten, and token/time totals."""
+
+    def __init__(self):
+        from collections import deque
+
+        self.first: dict = {}
+        self.tail: deque = deque(maxlen=10)
+        self.tokens = self.seconds = 0.0
+
+    def add(self, row: dict) -> None:
+        if not self.first:
+            self.first = row
+        self.tail.append(row)
+        self.tokens += row["tokens_per_second"] * row["seconds"]
+        self.seconds += row["seconds"]

@@ -1,0 +1,97 @@
+"""Over-length rules are applied and counted; packed microbatches lay sequences out with
+per-sequence labels, positions and attention blocks."""
+
+import numpy as np
+import pytest
+import torch
+
+from avr_megatron.data.batches import block_causal_mask, collate, cu_seqlens
+from avr_megatron.data.chat import ChatTokenizer, Encoded
+from avr_megatron.data.packing import pack_best_fit_decreasing
+from avr_megatron.data.records import PreferenceRecord, SFTRecord
+from avr_megatron.data.tokenized import _cap_pair, tokenize_preferences, tokenize_sft
+
+U = {"role": "user", "content": "Write a short poem about the data."}
+
+
+def _sft(i, words):
+    return SFTRecord(f"s{i}", (U, {"role": "assistant", "content": " ".join(["good"] * words)}),
+                     f"f: line {i}")
+
+
+def _pair(i, wc, wr, gap=1.0):
+    return PreferenceRecord(f"p{i}", (U,), ({"role": "assistant", "content": "good " * wc},),
+                            ({"role": "assistant", "content": "bad " * wr},), gap, f"f: line {i}")
+
+
+def test_sft_overlong_drop_and_truncate(tokenizer):
+    chat = ChatTokenizer(tokenizer)
+    recs = [_sft(0, 2), _sft(1, 60), _sft(2, 3)]
+    full = [len(chat.encode(r.messages, "all", "").ids) for r in recs]
+    L = full[0] + 5
+    dropped = tokenize_sft(recs, chat, L, "drop", "all")
+    assert dropped.ids == ["s0", "s2"] and dropped.summary.dropped == {"too_long": 1}
+    kept = tokenize_sft(recs, chat, L, "truncate", "all")
+    assert kept.ids == ["s0", "s1", "s2"] and kept.summary.truncated == 1
+    assert kept.seq_lengths.tolist() == [full[0], L, full[2]]
+    # Truncating inside the prompt leaves nothing to learn: dropped and counted.
+    tiny = tokenize_sft(recs, chat, 8, "truncate", "all")
+    assert tiny.summary.dropped == {"no_target_after_truncation": 3} and len(tiny) == 0
+
+
+def test_pair_truncation_shortens_the_longer_completion_first():
+    def enc(prompt, completion):
+        return Encoded(np.arange(prompt + completion, dtype=np.int32),
+                       np.r_[np.zeros(prompt, bool), np.ones(completion, bool)])
+
+    assert _cap_pair(enc(10, 5), enc(10, 40), 40) == (15, 25)  # short one whole
+    assert _cap_pair(enc(10, 30), enc(10, 40), 40) == (20, 20)  # both capped equally
+    assert _cap_pair(enc(20, 5), enc(19, 5), 40) is None  # prompts leave < 2 tokens
+
+
+def test_preferences_packed_pairs_stay_together(tokenizer):
+    chat = ChatTokenizer(tokenizer)
+    recs = [_pair(i, 1 + i % 4, 2 + i % 3, gap=float(i)) for i in range(9)]
+    data = tokenize_preferences(recs, chat, 256, "drop")
+    assert len(data) == 9 and data.seqs_per_unit == 2
+    assert data.reward_gap.tolist() == [float(i) for i in range(9)]
+    plan = pack_best_fit_decreasing(data.unit_lengths, 256)
+    assert plan.num_bins < 9
+    batch = collate(data, plan, range(plan.num_bins), chat.pad_id)
+    assert batch.num_pairs == 9 and batch.num_sequences == 18
+    assert batch.seq_unit[batch.pair_chosen].tolist() == batch.seq_unit[batch.pair_rejected].tolist()
+    seg = batch.segment
+    for k in range(batch.num_sequences):
+        row, cols = torch.nonzero(seg == k, as_tuple=True)
+        assert row.unique().numel() == 1  # a sequence never spans bins
+        ids, mask = data.sequence(int(data.unit_sequences(int(batch.seq_unit[k]))[0]
+                                      + batch.seq_role[k]))
+        r = int(row[0])
+        assert batch.tokens[r, cols].tolist() == ids.tolist()
+        assert batch.position_ids[r, cols].tolist() == list(range(len(ids)))
+        assert batch.labels[r, cols[:-1]].tolist() == ids[1:].tolist()
+        assert batch.loss_mask[r, cols].tolist() == mask[1:].tolist() + [False]
+        assert batch.seq_targets[k] == mask[1:].sum()
+    # chosen pairs with rejected of the same unit in the same bin
+    rows = [int(torch.nonzero(seg == k)[0, 0]) for k in range(batch.num_sequences)]
+    for c, r in zip(batch.pair_chosen.tolist(), batch.pair_rejected.tolist()):
+        assert rows[c] == rows[r]
+    assert not batch.loss_mask[seg < 0].any()
+    assert batch.real_tokens() == int(plan.fill.sum())
+    assert batch.reward_gap.tolist() == [float(u) for u in batch.pair_units.tolist()]
+
+
+def test_block_causal_mask_and_cu_seqlens():
+    seg = torch.tensor([[0, 0, 1, 1, 1, -1], [2, 2, 2, 2, 2, 2]])
+    mask = block_causal_mask(seg)
+    assert mask.shape == (2, 1, 6, 6) and mask.dtype == torch.bool
+    allowed = ~mask[0, 0]
+    assert allowed[1].tolist() == [True, True, False, False, False, False]
+    assert allowed[4].tolist() == [False, False, True, True, True, False]
+    assert allowed[5].tolist() == [False] * 5 + [True]  # padding attends to itself only
+    assert (~mask[1, 0]).equal(torch.ones(6, 6, dtype=torch.bool).tril())
+    cu, longest = cu_seqlens(seg)
+    assert cu.tolist() == [0, 2, 5, 6, 12] and cu.dtype == torch.int32 and longest == 6
+    # two padding tails in consecutive bins stay separate sequences
+    cu, _ = cu_seqlens(torch.tensor([[0, -1, -1], [-1, -1, -1]]))
+    assert cu.tolist() == [0, 1, 3, 6]
