@@ -1,5 +1,6 @@
-"""A minimal Hugging Face Llama -> canonical Megatron name mapping FOR TESTS: it lets training
-tests compare a Megatron model against `transformers` with identical weights. Production
+"""A minimal Hugging Face Llama -> canonical Megatron name mapping FOR TESTS: an
+independent reference that training and conversion tests compare against (a Megatron model fed
+the same weights as `transformers`; the converter's own mapping table). Production
 conversion (both directions, sharded safetensors, validation) is avr_megatron.conversion.
 
 Megatron's fused QKV weight is laid out per query group: [q heads of the group; k; v]; the

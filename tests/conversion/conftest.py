@@ -46,33 +46,14 @@ def tiny_hf(tmp_path_factory, tokenizer_dir):
 
 
 def reference_megatron_weights(hf: dict, m) -> dict:
-    """Canonical Megatron tensors built from HF tensors by hand (independently of
-    avr_megatron.conversion.mapping): QKV grouped per query group, fc1 = [gate; up], vocab
-    tensors WITHOUT their padded rows (compare those on [:vocab_size])."""
-    import torch
+    """Canonical Megatron tensors built from HF tensors by the test-side mapping (independent of
+    avr_megatron.conversion.mapping), vocab tensors WITHOUT their padded rows (compare those on
+    [:vocab_size])."""
+    from avr_megatron.testing.hf_llama_weights import hf_to_canonical
 
-    d = m.kv_channels or m.hidden_size // m.num_attention_heads
-    groups = m.num_query_groups
-    per = m.num_attention_heads // groups
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
-    if not m.tie_word_embeddings:
-        out["output_layer.weight"] = hf["lm_head.weight"]
-    for i in range(m.num_layers):
-        p, L = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q, k, v = (hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
-        rows = []
-        for g in range(groups):
-            rows += [q[h * d:(h + 1) * d] for h in range(g * per, (g + 1) * per)]
-            rows += [k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
-        out[L + "self_attention.linear_qkv.weight"] = torch.cat(rows)
-        out[L + "self_attention.linear_qkv.layer_norm_weight"] = hf[p + "input_layernorm.weight"]
-        out[L + "self_attention.linear_proj.weight"] = hf[p + "self_attn.o_proj.weight"]
-        out[L + "mlp.linear_fc1.layer_norm_weight"] = hf[p + "post_attention_layernorm.weight"]
-        out[L + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"],
-                                                      hf[p + "mlp.up_proj.weight"]])
-        out[L + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
-    return out
+    return hf_to_canonical(hf, num_layers=m.num_layers, num_heads=m.num_attention_heads,
+                           num_groups=m.num_query_groups, padded_vocab=m.vocab_size,
+                           tied=m.tie_word_embeddings)
 
 
 def assert_same_weights(megatron: dict, reference: dict, vocab_size: int) -> None:

@@ -5,6 +5,8 @@ import torch
 from avr_megatron.config.schema import ModelConfig
 from avr_megatron.conversion.dist_io import storage_key, tp_chunks
 from avr_megatron.conversion.mapping import expected_hf, model_tensors
+from avr_megatron.models.llama import padded_vocab_size
+from avr_megatron.testing.hf_llama_weights import hf_to_canonical
 
 
 def _model(**kw) -> ModelConfig:
@@ -20,34 +22,11 @@ def _hf_random(m):
 
 
 def _reference_megatron(hf, m):
-    """Megatron's layouts spelled out: QKV grouped per query group, fc1 = [gate; up], vocab
-    padded with zero rows."""
-    d, groups = m.kv_channels, m.num_query_groups
-    per = m.num_attention_heads // groups
-    pad = 128 - m.vocab_size
-    out = {"embedding.word_embeddings.weight":
-           torch.cat([hf["model.embed_tokens.weight"], torch.zeros(pad, m.hidden_size)]),
-           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
-    if not m.tie_word_embeddings:
-        out["output_layer.weight"] = torch.cat([hf["lm_head.weight"],
-                                                torch.zeros(pad, m.hidden_size)])
-    for i in range(m.num_layers):
-        p = f"model.layers.{i}."
-        q, k, v = (hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
-        rows = []
-        for g in range(groups):
-            for h in range(g * per, (g + 1) * per):
-                rows.append(q[h * d:(h + 1) * d])
-            rows += [k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
-        L = f"decoder.layers.{i}."
-        out[L + "self_attention.linear_qkv.weight"] = torch.cat(rows)
-        out[L + "self_attention.linear_qkv.layer_norm_weight"] = hf[p + "input_layernorm.weight"]
-        out[L + "self_attention.linear_proj.weight"] = hf[p + "self_attn.o_proj.weight"]
-        out[L + "mlp.linear_fc1.layer_norm_weight"] = hf[p + "post_attention_layernorm.weight"]
-        out[L + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"],
-                                                      hf[p + "mlp.up_proj.weight"]])
-        out[L + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
-    return out
+    """Megatron's layouts spelled out by the test-side mapping: QKV grouped per query group,
+    fc1 = [gate; up], vocab padded with zero rows."""
+    return hf_to_canonical(hf, num_layers=m.num_layers, num_heads=m.num_attention_heads,
+                           num_groups=m.num_query_groups, padded_vocab=padded_vocab_size(m),
+                           tied=m.tie_word_embeddings)
 
 
 def _merge_all(hf, m, block=None):
