@@ -374,6 +374,29 @@ class SynthConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`avr eval`: answers of a model on a prompt set, scored against a baseline model's answers
+    with the reward model (synth.reward), optionally refined at test time."""
+
+    # HF directory of the model to evaluate (engine settings from synth.policy).
+    model: Optional[str] = None
+    # HF directory of the baseline model whose answers the win rate is measured against;
+    # None: no win rate, rewards only.
+    baseline_model: Optional[str] = None
+    # The model answers with a long refinement thought: extract the text after `Final answer:`
+    # (malformed thoughts are counted, not fatal).
+    long_thought: bool = False
+    # Test-time refinement rounds (criticise + improve) after the first answer; 0: none.
+    rounds: int = 0
+    # Prompt set (same formats and fields as synth.input); None: synth.input.path.
+    prompts: Optional[str] = None
+    # Use only the first `limit` prompts.
+    limit: Optional[int] = None
+    # Where the table, plot and exports go; None: <run.dir>/eval.
+    output_dir: Optional[str] = None
+
+
+@dataclass
 class AvrConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -388,3 +411,4 @@ class AvrConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
