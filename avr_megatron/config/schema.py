@@ -9,7 +9,7 @@ merged onto it, and `avr_megatron.config.validate` checks cross-key rules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -397,6 +397,70 @@ class EvalConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """`avr pipeline`: every AvR stage in order, in <run.dir>/stages/<stage>/ with a manifest."""
+
+    # Which executor runs the stages: local (NeMo-Run LocalExecutor on this machine) | slurm
+    # (NeMo-Run SlurmExecutor, settings in launch.slurm). `--executor` overrides it.
+    executor: str = "local"
+    # Hugging Face directory of the seed policy: the base model of stage-1 trees, the initial
+    # weights of RSFT, the tokenizer of every training stage and the eval baseline.
+    base_model: Optional[str] = None
+    # Synthesis fan-out: each synthesis stage runs as this many parallel shard tasks.
+    synth_shards: int = 1
+    # Per-stage overrides, merged onto the recipe for that stage only, in the recipe's own
+    # layout, e.g. {rsft: {train: {train_iters: 200}}, stage1_dpo: {loss: {beta: 0.1}}}.
+    # Keys are stage names (`avr pipeline --list` shows them); every stage's config is built
+    # and validated before the first stage starts.
+    stages: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SlurmResourcesConfig:
+    """Resources of one kind of task (synthesis, training or light CPU work) on Slurm."""
+
+    # None: launch.slurm.partition.
+    partition: Optional[str] = None
+    nodes: int = 1
+    # Accelerators per node (0 on CPU-only partitions); training runs one process per GPU.
+    gpus_per_node: int = 8
+    # Processes per node; None: gpus_per_node (1 when gpus_per_node is 0).
+    ntasks_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    # Wall-clock limit, Slurm format (HH:MM:SS or D-HH:MM:SS).
+    time: str = "04:00:00"
+
+
+@dataclass
+class SlurmConfig:
+    account: Optional[str] = None
+    partition: Optional[str] = None
+    # Container image and mounts (pyxis/enroot `--container-image`, `--container-mounts`);
+    # None: run in the submitting environment.
+    container_image: Optional[str] = None
+    container_mounts: List[str] = field(default_factory=list)
+    # Extra environment variables of every task.
+    env: Dict[str, str] = field(default_factory=dict)
+    # How NeMo-Run reaches the cluster: local (submit from a login node) | ssh.
+    tunnel: str = "local"
+    ssh_host: Optional[str] = None
+    ssh_user: Optional[str] = None
+    ssh_identity: Optional[str] = None
+    # Job files (sbatch scripts, logs) of NeMo-Run; None: <run.dir>/slurm. With tunnel=ssh,
+    # a directory on the cluster.
+    job_dir: Optional[str] = None
+    synth: SlurmResourcesConfig = field(default_factory=SlurmResourcesConfig)
+    train: SlurmResourcesConfig = field(default_factory=SlurmResourcesConfig)
+    cpu: SlurmResourcesConfig = field(default_factory=lambda: SlurmResourcesConfig(gpus_per_node=0))
+
+
+@dataclass
+class LaunchConfig:
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
 class AvrConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -412,3 +476,5 @@ class AvrConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
