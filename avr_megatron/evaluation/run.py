@@ -346,6 +346,10 @@ def write_reports(cfg: AvrConfig, out: Path, records: list[PromptRecord], rounds
                                                      base_generator or "baseline", e.export_dataset))
         exports["baseline"] = str(name)
     files["alpaca_eval"] = exports
+    # Exports of rounds beyond eval.rounds (an earlier, longer run) would read as current results.
+    for stale in (out / "alpaca_eval").glob(f"{_safe_name(generator)}_round*.json"):
+        if str(Path("alpaca_eval") / stale.name) not in exports.values():
+            stale.unlink()
     table = markdown_table(summaries, base_summary, model=generator, baseline_name=base_generator or "baseline")
     atomic_write_bytes(out / "table.md", table.encode())
     files["table"] = "table.md"

@@ -5,7 +5,8 @@ Markdown table of those summaries, and answers in AlpacaEval's `model_outputs` f
 Per-prompt answer records (one per prompt and round, in the answers files) hold:
 `prompt_id`, `row`, `round`, `answer` (shown to the user, scored, exported; None when blank after
 every try), `raw` (the generated text), `criticism` (rounds >= 1), `reward`, `status` (`ok`,
-`no_answer`: blank after every try, `kept`: the improvement was blank, the previous answer stays),
+`no_answer`: blank after every try, `kept`: the round's criticism or improvement stayed blank, so
+the previous answer stays, with its reward),
 `final_answer_found` and `well_formed` (long-thought models; None otherwise), `tries`.
 """
 

@@ -140,6 +140,13 @@ def test_resume_runs_only_new_rounds_and_refuses_other_settings(tmp_path, prompt
     assert run_eval(cfg_for(tmp_path, prompts, "eval.rounds=2"), engines=idle)["table"] == res["table"]
     assert idle["model"].calls == [] and idle["reward"].calls == []
 
+    # Fewer rounds: reported from the cached files; the longer run's export is not left behind.
+    fewer = run_eval(cfg_for(tmp_path, prompts, "eval.rounds=1"), engines=idle)
+    assert fewer["table"] == res["table"][:2] and idle["model"].calls == []
+    exports = tmp_path / "run" / "eval" / "alpaca_eval"
+    assert sorted(p.name for p in exports.iterdir()) == ["b.json", "m_round0.json", "m_round1.json"]
+    assert (out / "round2.jsonl").exists()
+
     with pytest.raises(ConfigError, match="differs in: sampling"):
         run_eval(cfg_for(tmp_path, prompts, "eval.rounds=2", "eval.sampling.temperature=0.3"), engines=idle)
 
