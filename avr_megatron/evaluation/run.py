@@ -294,7 +294,7 @@ def run_eval(cfg: AvrConfig, *, engines: dict[str, Any] | None = None) -> dict[s
             ev = Evaluator(cfg, records, reward, bar)
             if need_baseline:
                 chat = engines["baseline"] if engines else build_chat_engine(
-                    _engine_cfg(cfg.synth.policy, e.baseline_model), cfg.run.seed, "eval.baseline_model")
+                    _engine_cfg(cfg.synth.policy, e.baseline_model), cfg.run.seed, "synth.policy")
                 try:
                     baseline = ev.first_answers(chat, "baseline", long_thought=False)
                 finally:
@@ -303,7 +303,7 @@ def run_eval(cfg: AvrConfig, *, engines: dict[str, Any] | None = None) -> dict[s
                 store.save("baseline", baseline)
             if todo:
                 chat = engines["model"] if engines else build_chat_engine(
-                    _engine_cfg(cfg.synth.policy, e.model), cfg.run.seed, "eval.model")
+                    _engine_cfg(cfg.synth.policy, e.model), cfg.run.seed, "synth.policy")
                 try:
                     if not rounds:
                         rounds.append(ev.first_answers(chat, "model", long_thought=e.long_thought))
