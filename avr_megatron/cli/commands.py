@@ -41,6 +41,9 @@ COMMANDS: list[Command] = [
             "avr_megatron.synth.cli:pairs_stage1"),
     Command(("pairs", "stage2"), "long-thought SFT examples and best-vs-worst thought pairs from stage-2 output",
             "avr_megatron.synth.cli:pairs_stage2"),
+    Command(("eval",), "answers of a model on a prompt set, refined at test time for eval.rounds rounds, "
+            "scored against a baseline model's answers (win rate, table, plot, AlpacaEval export)",
+            "avr_megatron.evaluation.cli:run"),
     Command(("convert", "hf-to-mcore"),
             "convert a Hugging Face Llama directory into a Megatron dist checkpoint",
             "avr_megatron.cli.convert:run_hf_to_mcore",

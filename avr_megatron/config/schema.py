@@ -374,6 +374,15 @@ class SynthConfig:
 
 
 @dataclass
+class EvalSamplingConfig:
+    # The reference sampled at temperature 0.7, top_p 0.8; 0 is greedy decoding.
+    temperature: float = 0.7
+    top_p: float = 0.8
+    # Long-thought models need room for the whole thought before `Final answer:`.
+    max_tokens: int = 2048
+
+
+@dataclass
 class EvalConfig:
     """`avr eval`: answers of a model on a prompt set, scored against a baseline model's answers
     with the reward model (synth.reward), optionally refined at test time."""
@@ -394,6 +403,26 @@ class EvalConfig:
     limit: Optional[int] = None
     # Where the table, plot and exports go; None: <run.dir>/eval.
     output_dir: Optional[str] = None
+    # Sampling of every eval generation (answers, criticisms, improvements, baseline answers);
+    # per-request seeds derive from run.seed and each request's key, so reruns reproduce.
+    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    # Samples per slot while a generated text is blank (a blank answer cannot be scored); a
+    # prompt still blank after that has no answer in that round (counted; a loss in win rates).
+    max_answer_tries: int = 3
+    # Name of the evaluated model in exports and tables (AlpacaEval `generator`); None: the
+    # last component of eval.model.
+    generator: Optional[str] = None
+    # The same for the baseline; None: the last component of eval.baseline_model.
+    baseline_generator: Optional[str] = None
+    # Confidence level of the intervals (win rate: Wilson score interval; mean reward: normal
+    # approximation), in (0, 1).
+    confidence: float = 0.95
+    # Two rewards whose difference is at most this count as a tie (half a win).
+    tie_margin: float = 0.0
+    # `dataset` field written into every AlpacaEval export record; None: the field is left out.
+    export_dataset: Optional[str] = None
+    # Show progress bars.
+    progress: bool = True
 
 
 @dataclass

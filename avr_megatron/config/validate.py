@@ -283,6 +283,29 @@ def _synth(cfg: AvrConfig) -> list[str]:
     return errs
 
 
+@rule
+def _eval(cfg: AvrConfig) -> list[str]:
+    """Shape of the eval section (that eval.model is set is checked by `avr eval`)."""
+    e, errs = cfg.eval, []
+    if e.rounds < 0:
+        errs.append(f"eval.rounds={e.rounds} must be >= 0 (0: no test-time refinement)")
+    if e.limit is not None and e.limit < 1:
+        errs.append(f"eval.limit={e.limit} must be >= 1 (or null)")
+    if e.max_answer_tries < 1:
+        errs.append(f"eval.max_answer_tries={e.max_answer_tries} must be >= 1")
+    if not 0 < e.confidence < 1:
+        errs.append(f"eval.confidence={e.confidence} must be in (0, 1), e.g. 0.95")
+    if e.tie_margin < 0:
+        errs.append(f"eval.tie_margin={e.tie_margin} must be >= 0")
+    from avr_megatron.method.requests import SamplingParams
+
+    try:
+        SamplingParams(e.sampling.temperature, e.sampling.top_p, e.sampling.max_tokens)
+    except ValueError as exc:
+        errs.append(str(exc).replace("sampling.", "eval.sampling.", 1))
+    return errs
+
+
 def validate_config(cfg: AvrConfig) -> AvrConfig:
     errors = [msg for check in RULES for msg in check(cfg)]
     if errors:

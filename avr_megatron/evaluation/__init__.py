@@ -1,0 +1,1 @@
+"""`avr eval`: evaluation and test-time refinement (engine driving, reports, plot)."""
