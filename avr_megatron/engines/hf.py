@@ -221,7 +221,8 @@ class TransformersRewardEngine:
         for r, s in zip(requests, seqs):
             if self.max_positions is not None and len(s) > self.max_positions:
                 raise ValueError(f"reward model {self.name!r}: request {r.key!r} has {len(s)} tokens, more than "
-                                 f"max_position_embeddings={self.max_positions}; lower synth.sampling.max_tokens")
+                                 f"max_position_embeddings={self.max_positions}; lower the max_tokens of the sampling that "
+                                 "produced it (synth.sampling, synth.thoughts or eval.sampling)")
         out = [0.0] * len(requests)
         order = sorted(range(len(seqs)), key=lambda k: (len(seqs[k]), k))
         for start in range(0, len(order), self.batch_size):

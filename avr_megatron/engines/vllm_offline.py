@@ -120,7 +120,8 @@ class VllmRewardEngine:
             ids = render_chat(self.tokenizer, r.messages, add_generation_prompt=False)
             if len(ids) > self.max_model_len:
                 raise ValueError(f"reward model {self.name!r}: request {r.key!r} has {len(ids)} tokens, more than "
-                                 f"max_model_len={self.max_model_len}; lower synth.sampling.max_tokens")
+                                 f"max_model_len={self.max_model_len}; lower the max_tokens of the sampling that produced it "
+                                 "(synth.sampling, synth.thoughts or eval.sampling)")
             prompts.append(TokensPrompt(prompt_token_ids=ids))
             self.stats["tokens"] += len(ids)
         if not prompts:
