@@ -20,7 +20,10 @@ class Executor(Protocol):
 
 
 # name -> "module:function" (imported on use, so `avr --help` stays light).
-EXECUTORS: dict[str, str] = {}
+EXECUTORS: dict[str, str] = {
+    "local": "avr_megatron.pipeline.local:make_local",
+    "inline": "avr_megatron.pipeline.local:make_inline",
+}
 
 
 def register_executor(name: str, factory: str) -> None:
