@@ -284,7 +284,8 @@ def _synth(cfg: AvrConfig) -> list[str]:
     return errs
 
 
-SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
+# The time formats sbatch accepts: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, UNLIMITED.
+SLURM_TIME = re.compile(r"^(\d+-\d+(:\d{2}){0,2}|\d+(:\d{2}){0,2}|UNLIMITED|INFINITE)$")
 
 
 @rule
@@ -332,7 +333,8 @@ def _slurm(cfg: AvrConfig) -> list[str]:
         if res.ntasks_per_node is not None and res.ntasks_per_node < 1:
             errs.append(f"{key}.ntasks_per_node={res.ntasks_per_node} must be >= 1 (or null)")
         if not SLURM_TIME.match(res.time):
-            errs.append(f"{key}.time={res.time!r} is not a Slurm time (HH:MM:SS or D-HH:MM:SS)")
+            errs.append(f"{key}.time={res.time!r} is not a Slurm time (e.g. HH:MM:SS or "
+                        "D-HH:MM:SS)")
     if errs or cfg.pipeline.executor != "slurm":
         return errs
     # Layout checks that need the world size, which launch.slurm.train fixes on Slurm.
@@ -340,7 +342,7 @@ def _slurm(cfg: AvrConfig) -> list[str]:
     world, model = _slurm_world(s.train), (p.tensor_model_parallel_size *
                                            p.pipeline_model_parallel_size * p.context_parallel_size)
     if model >= 1 and world % model:
-        errs.append(f"launch.slurm.train gives {world} processes ({s.train.nodes} nodes x "
+        errs.append(f"launch.slurm.train gives {world} processes ({s.train.nodes} node(s) x "
                     f"{world // s.train.nodes} per node), not divisible by TP x PP x CP = {model} "
                     "(parallel.*_parallel_size)")
     elif model >= 1 and t.micro_batch_size >= 1:

@@ -17,10 +17,11 @@ BAD = [
     (["launch.slurm.synth.gpus_per_node=-1"], "launch.slurm.synth.gpus_per_node=-1 must be >= 0"),
     (["launch.slurm.cpu.ntasks_per_node=0"], "launch.slurm.cpu.ntasks_per_node=0 must be >= 1"),
     (["launch.slurm.train.time=4h"], "launch.slurm.train.time='4h' is not a Slurm time"),
+    (["launch.slurm.train.time='1:2:3'"], "launch.slurm.train.time='1:2:3' is not a Slurm time"),
     ([SLURM, "parallel.tensor_model_parallel_size=4", "model.num_attention_heads=12",
       "model.num_query_groups=4", "model.hidden_size=96", "model.ffn_hidden_size=192",
       "launch.slurm.train.gpus_per_node=6"],
-     "launch.slurm.train gives 6 processes (1 nodes x 6 per node), not divisible by TP x PP x CP = 4"),
+     "launch.slurm.train gives 6 processes (1 node(s) x 6 per node), not divisible by TP x PP x CP = 4"),
     ([SLURM, "train.global_batch_size=12", "train.micro_batch_size=2"],
      "train.global_batch_size=12 is not divisible by train.micro_batch_size=2 x data-parallel size 8"),
     ([SLURM, "synth.policy.backend=vllm", "synth.policy.tensor_parallel_size=4",
@@ -39,6 +40,8 @@ def test_bad_value_names_key(overrides, message):
 GOOD = [
     ["eval.rounds=0", "pipeline.synth_shards=1", "pipeline.executor=local"],
     ["launch.slurm.train.time=2-00:00:00", "launch.slurm.tunnel=ssh", "launch.slurm.ssh_host=login"],
+    ["launch.slurm.train.time='100:00:00'", "launch.slurm.synth.time='30'",
+     "launch.slurm.cpu.time='1-12'"],
     # The world-size checks apply only when the pipeline runs on Slurm.
     ["launch.slurm.train.gpus_per_node=6", "parallel.tensor_model_parallel_size=2"],
     [SLURM, "launch.slurm.train.nodes=2", "train.global_batch_size=32", "train.micro_batch_size=2"],
