@@ -72,3 +72,11 @@ def test_check_mode_reports_stale_file(tmp_path, capsys):
     assert COMMAND in capsys.readouterr().err
     assert reference.main(["--output", str(out)]) == 0
     assert reference.main(["--check", "--output", str(out)]) == 0
+
+
+def test_a_field_without_comment_is_reported():
+    source = reference.SCHEMA_PATH.read_text()
+    line = "    # Run name shown in logs, TensorBoard and W&B.\n"
+    assert line in source
+    missing = missing_comments(field_docs(source.replace(line, "")))
+    assert len(missing) == 1 and missing[0].startswith("RunConfig.name (schema.py:")
