@@ -16,7 +16,9 @@ from typing import Any, Dict, List, Optional
 class RunConfig:
     # Where a command reads its inputs and writes its outputs; the resolved config goes there too.
     dir: str = "runs/default"
+    # Run name shown in logs, TensorBoard and W&B.
     name: str = "avr"
+    # Seed of initialisation, data order, dropout and synthesis sampling.
     seed: int = 1234
 
 
@@ -24,16 +26,21 @@ class RunConfig:
 class RopeScalingConfig:
     # None (no scaling) or "llama3" (Llama-3.1/3.2 frequency remapping).
     type: Optional[str] = None
+    # Llama-3 scaling: how much the low frequencies are divided by.
     factor: float = 8.0
+    # Llama-3 scaling: wavelengths above original / low_freq_factor are divided by factor.
     low_freq_factor: float = 1.0
+    # Llama-3 scaling: wavelengths below original / high_freq_factor are kept.
     high_freq_factor: float = 4.0
+    # Llama-3 scaling: the context length the model was pre-trained at.
     original_max_position_embeddings: int = 8192
 
 
 @dataclass
 class InitFromConfig:
-    # Where a model's initial weights come from: at most one of the two; neither means random
-    # initialisation from run.seed (tests, smoke runs).
+    """Where a model's initial weights come from: at most one of the two; neither means random
+    initialisation from run.seed (tests, smoke runs)."""
+
     # A Hugging Face checkpoint directory (converted on load by avr_megatron.conversion).
     hf: Optional[str] = None
     # A Megatron dist checkpoint: an iter_* directory or a root holding `latest` (any TP/PP).
@@ -46,43 +53,63 @@ class ModelConfig:
     preset: Optional[str] = None
     # Initial weights of a training run (ignored when resuming from checkpoint.dir).
     init_from: InitFromConfig = field(default_factory=InitFromConfig)
+    # Transformer layers; must be divisible by PP x VP.
     num_layers: int = 2
+    # Model width (embedding size).
     hidden_size: int = 64
+    # Width of the SwiGLU MLP (gate and up projections).
     ffn_hidden_size: int = 128
+    # Query heads per layer; must be divisible by the TP size.
     num_attention_heads: int = 4
     # Grouped-query attention: number of key/value heads (= num_attention_heads for MHA).
     num_query_groups: int = 2
     # Head dimension; None means hidden_size / num_attention_heads.
     kv_channels: Optional[int] = None
+    # Tokenizer vocabulary size (before padding, see make_vocab_size_divisible_by).
     vocab_size: int = 512
     # The embedding and output layer are padded to a multiple of this (independent of TP, so a
     # checkpoint reshards across TP sizes); it must be divisible by the TP size.
     make_vocab_size_divisible_by: int = 128
+    # Longest sequence the model supports; train.seq_length must not exceed it.
     max_position_embeddings: int = 1024
+    # RoPE base frequency (theta); 500000 for Llama 3.
     rotary_base: float = 500000.0
+    # RoPE frequency scaling (Llama-3.1 long context).
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # Epsilon of the RMSNorm layers.
     norm_epsilon: float = 1e-5
+    # Share the input embedding with the output layer (Llama-3.2 1B/3B).
     tie_word_embeddings: bool = False
+    # Std of the normal initialisation of random weights (no init_from).
     init_method_std: float = 0.02
     # auto: Transformer Engine spec when TE and CUDA are present, else the local spec.
     transformer_impl: str = "auto"
     # Activation recompute (Megatron names): None | full | selective.
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None  # uniform | block (with full)
+    # Layers per recompute group (uniform) or recomputed layers per stage (block).
     recompute_num_layers: Optional[int] = None
+    # Dropout on attention probabilities (0 for fine-tuning Llama).
     attention_dropout: float = 0.0
+    # Dropout after attention and MLP blocks (0 for fine-tuning Llama).
     hidden_dropout: float = 0.0
 
 
 @dataclass
 class ParallelConfig:
+    """How the model is split over GPUs. The data-parallel size is what remains of the world
+    size: world / (tensor x pipeline x context parallel sizes)."""
+
+    # Tensor parallelism: each layer's matrices split over this many GPUs (keep it within a node).
     tensor_model_parallel_size: int = 1
+    # Pipeline stages: layers split into consecutive groups over this many GPUs.
     pipeline_model_parallel_size: int = 1
     # Interleaved (virtual) pipeline stages per rank; None disables interleaving.
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    # Split each sequence over this many GPUs (needs Transformer Engine).
     context_parallel_size: int = 1
+    # Shard norm/dropout activations over the TP group (needs TP > 1 and Transformer Engine).
     sequence_parallel: bool = False
-    # Data parallel size is what remains of the world size: world / (tp * pp * cp).
 
 
 @dataclass
@@ -93,7 +120,9 @@ class PrecisionConfig:
     fp8: Optional[str] = None
     # delayed | tensorwise | blockwise | mxfp8 (each only where the installed TE supports it).
     fp8_recipe: str = "delayed"
+    # Steps of amax history kept for delayed FP8 scaling.
     fp8_amax_history_len: int = 1024
+    # How the FP8 scale is taken from the amax history: max | most_recent.
     fp8_amax_compute_algo: str = "max"
     # Keep weights in FP8 (saves memory; needs fp8).
     fp8_param: bool = False
@@ -103,11 +132,17 @@ class PrecisionConfig:
 class OptimizerConfig:
     # adam (AdamW: decoupled weight decay) or sgd, through Megatron's optimizer.
     name: str = "adam"
+    # Peak learning rate (reached after scheduler.warmup_iters).
     lr: float = 1e-5
+    # Learning rate at the end of the decay.
     min_lr: float = 0.0
+    # Decoupled (AdamW) weight decay.
     weight_decay: float = 0.0
+    # Adam first-moment decay.
     adam_beta1: float = 0.9
+    # Adam second-moment decay.
     adam_beta2: float = 0.95
+    # Adam epsilon.
     adam_eps: float = 1e-8
     # Global gradient-norm clipping; 0 disables it.
     clip_grad: float = 1.0
@@ -117,6 +152,7 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
+    # Optimizer steps of linear warmup from 0 to optimizer.lr.
     warmup_iters: int = 0
     # constant | linear | cosine
     decay_style: str = "cosine"
@@ -126,11 +162,15 @@ class SchedulerConfig:
 
 @dataclass
 class TrainConfig:
+    # Optimizer steps (set from data.num_epochs when that is given).
     train_iters: int = 100
+    # Sequences (SFT) or packed bins per forward pass per data-parallel rank.
     micro_batch_size: int = 1
     # Sequences (SFT) or packed bins per optimizer step across all data-parallel ranks.
     global_batch_size: int = 8
+    # Tokens per packed bin; a preference pair (prompt + chosen + rejected) must fit one.
     seq_length: int = 512
+    # Log (console, TensorBoard, W&B) every this many steps.
     log_interval: int = 1
     # A step whose loss or gradients are NaN/inf is skipped (no update) and counted; this many
     # skipped steps in a row abort the run.
@@ -165,6 +205,7 @@ class DataConfig:
 class LossConfig:
     # Preference loss: sigmoid (DPO) | ipo. Conservative DPO: sigmoid with label_smoothing > 0.
     type: str = "sigmoid"
+    # DPO/IPO temperature beta: how far the policy may move from the reference (AvR: 0.1).
     beta: float = 0.1
     # cDPO: the probability that a pair's label is flipped, in [0, 0.5).
     label_smoothing: float = 0.0
@@ -178,7 +219,9 @@ class LossConfig:
     # weight g / mean g over the training set, capped at reward_gap_weight_max) | soft_label
     # (Bradley-Terry target probability sigmoid(reward_gap_scale * g) instead of 1).
     reward_gap: str = "none"
+    # Scale applied to the reward gap g by reward_gap=margin and soft_label.
     reward_gap_scale: float = 1.0
+    # Upper bound of a pair's weight with reward_gap=weight.
     reward_gap_weight_max: float = 5.0
     # Reference log-probs: precomputed (by `avr logps`, read from logps.path) | online
     # (a frozen copy of the reference model runs a forward pass each step).
@@ -209,6 +252,7 @@ class CheckpointConfig:
     keep_last: int = 2
     # Resume from the newest checkpoint in dir when one exists.
     resume: bool = True
+    # Save a checkpoint when training ends.
     save_final: bool = True
     # Hugging Face directory to export the final weights to (conversion code); None: no export.
     export_hf: Optional[str] = None
@@ -220,7 +264,9 @@ class LoggingConfig:
     tensorboard: bool = True
     # Weights & Biases (needs the wandb package); None disables it.
     wandb_project: Optional[str] = None
+    # Weights & Biases team or user; None: your default entity.
     wandb_entity: Optional[str] = None
+    # Show a progress bar during training.
     progress_bar: bool = True
     # Peak dense TFLOP/s of one accelerator for the MFU estimate; None: looked up from the
     # device name (H100/H200/A100/B200); MFU is not reported on CPU.
@@ -240,20 +286,28 @@ class SynthEngineConfig:
     name: Optional[str] = None
     # auto | float32 | bfloat16 | float16 (transformers, vllm).
     dtype: str = "auto"
-    # transformers: auto (cuda when present) | cpu | cuda | cuda:N; rows per forward pass.
+    # transformers: auto (cuda when present) | cpu | cuda | cuda:N.
     device: str = "auto"
+    # transformers: rows per forward pass.
     batch_size: int = 32
-    # vllm: vllm.LLM arguments. The policy and the reward model share the GPU(s) in one
-    # process, so each takes a share of the memory.
+    # vllm: GPUs the model is split over (vllm.LLM tensor_parallel_size). The policy and the
+    # reward model share the GPU(s) in one process, so each takes a share of the memory.
     tensor_parallel_size: int = 1
+    # vllm: this engine's share of each GPU's memory (weights + KV cache); the policy's and the
+    # reward model's shares together must stay below 1.
     gpu_memory_utilization: float = 0.45
+    # vllm: longest prompt + output in tokens; None: the model's own limit (smaller saves KV
+    # cache).
     max_model_len: Optional[int] = None
+    # vllm: no CUDA graphs (slower, starts faster, less memory).
     enforce_eager: bool = False
-    # server: the server root (http://host:8000; a trailing /v1 is accepted), the environment
-    # variable holding the API key (never the key itself), concurrent HTTP requests, timeout.
+    # server: the server root (http://host:8000; a trailing /v1 is accepted).
     base_url: Optional[str] = None
+    # server: the environment variable holding the API key (never the key itself).
     api_key_env: Optional[str] = None
+    # server: concurrent HTTP requests.
     max_concurrency: int = 64
+    # server: seconds before a request fails.
     timeout_s: float = 600.0
 
 
@@ -264,6 +318,7 @@ class SynthFieldsConfig:
 
     # None: ids are the row numbers ("row-<n>").
     id: Optional[str] = None
+    # The prompt column.
     prompt: str = "prompt"
     # Optional first answer y0: a string, or a conversation ending with the assistant's answer.
     # None: y0 is sampled from the policy.
@@ -282,7 +337,9 @@ class SynthInputConfig:
     path: Optional[str] = None
     # auto | jsonl | parquet | disk | hub
     format: str = "auto"
+    # Dataset split (disk and hub datasets).
     split: str = "train"
+    # Which columns hold the id, prompt, answer, system prompt and SFT conversation.
     fields: SynthFieldsConfig = field(default_factory=SynthFieldsConfig)
     # Use only the first `limit` rows.
     limit: Optional[int] = None
@@ -293,7 +350,9 @@ class SynthSamplingConfig:
     # The reference sampled criticisms and improvements at temperature 0.7, top_p 0.8.
     # Per-request seeds derive from run.seed and each request's key.
     temperature: float = 0.7
+    # Nucleus sampling probability mass.
     top_p: float = 0.8
+    # Longest answer, criticism or improvement in tokens.
     max_tokens: int = 2048
 
 
@@ -301,13 +360,17 @@ class SynthSamplingConfig:
 class SynthStage1Config:
     # Criticisms of y0, improvements per criticism (reference 2 x 2).
     k: int = 2
+    # Improvements per criticism.
     m: int = 2
 
 
 @dataclass
 class SynthStage2Config:
+    # Criticisms of the current best answer per round.
     k: int = 2
+    # Improvements per criticism per round.
     m: int = 2
+    # Rounds at most; the search stops earlier at the first round without improvement.
     max_rounds: int = 5
     # 1 is the paper's greedy search; > 1 keeps the top-b answers of each round.
     beam_width: int = 1
@@ -318,8 +381,11 @@ class SynthThoughtsConfig:
     # `avr synth thoughts`: thoughts sampled per prompt from the thought-SFT model
     # (reference: 5 at temperature 0.7).
     num_samples: int = 5
+    # Sampling temperature of thoughts.
     temperature: float = 0.7
+    # Nucleus sampling probability mass of thoughts.
     top_p: float = 0.8
+    # Longest sampled thought in tokens.
     max_tokens: int = 4096
     # `avr pairs stage2`: drop a pair whose best final answer is longer than the worst's.
     length_control: bool = True
@@ -327,8 +393,12 @@ class SynthThoughtsConfig:
 
 @dataclass
 class SynthFiltersConfig:
+    # Repetition filter: drop a text in which any word or digit/symbol run occurs this many times.
     repetition_threshold: int = 60
+    # Length filter: drop an improvement that is >= this many characters longer than y0 and
+    # >= length_ratio times as long.
     length_extra_chars: int = 400
+    # Length filter: the ratio half of the rule (see length_extra_chars).
     length_ratio: float = 1.2
     # Beyond the note: also apply the repetition filter to thought SFT examples and thought pairs.
     filter_thoughts: bool = False
@@ -343,19 +413,29 @@ class SynthPairsConfig:
 
 @dataclass
 class SynthConfig:
+    # The chat model that answers, criticises and improves.
     policy: SynthEngineConfig = field(default_factory=SynthEngineConfig)
+    # The Bradley-Terry reward model that scores answers.
     reward: SynthEngineConfig = field(default_factory=SynthEngineConfig)
+    # The prompt set synthesis reads.
     input: SynthInputConfig = field(default_factory=SynthInputConfig)
+    # Sampling of answers, criticisms and improvements.
     sampling: SynthSamplingConfig = field(default_factory=SynthSamplingConfig)
+    # Stage-1 trees: criticisms x improvements of the first answer.
     stage1: SynthStage1Config = field(default_factory=SynthStage1Config)
+    # Stage-2 greedy refinement search.
     stage2: SynthStage2Config = field(default_factory=SynthStage2Config)
+    # Long-thought sampling and pairing (stage 2).
     thoughts: SynthThoughtsConfig = field(default_factory=SynthThoughtsConfig)
+    # Repetition and length filters of the method.
     filters: SynthFiltersConfig = field(default_factory=SynthFiltersConfig)
+    # How `avr pairs` builds the SFT / preference datasets.
     pairs: SynthPairsConfig = field(default_factory=SynthPairsConfig)
     # Overrides of the prompt wording (fields of avr_megatron.method.prompts.PromptTemplates).
     templates: Dict[str, str] = field(default_factory=dict)
     # Criticism samples per slot until one has a [[n]] rating; y0 samples while blank.
     max_rating_tries: int = 5
+    # Samples of the first answer y0 while it comes back blank.
     max_answer_tries: int = 5
     # Prompts per frontier round: every pending request of these prompts goes to the engine
     # together; a finished chunk is one output file (what a kill can lose at most).
@@ -370,13 +450,15 @@ class SynthConfig:
     # deterministic pseudo-random 1..10, marked in the text) instead of being resampled/dropped.
     # Random tiny models almost never write `[[n]]`; every firing is counted in the summary.
     rating_fallback: bool = False
+    # Show progress bars.
     progress: bool = True
 
 
 @dataclass
 class EvalSamplingConfig:
-    # The reference sampled at temperature 0.7, top_p 0.8; 0 is greedy decoding.
+    # Sampling temperature (the reference: 0.7); 0 is greedy decoding.
     temperature: float = 0.7
+    # Nucleus sampling mass (the reference: 0.8).
     top_p: float = 0.8
     # Long-thought models need room for the whole thought before `Final answer:`.
     max_tokens: int = 2048
@@ -450,12 +532,15 @@ class SlurmResourcesConfig:
 
     # None: launch.slurm.partition.
     partition: Optional[str] = None
+    # Nodes per task.
     nodes: int = 1
     # Accelerators per node (0 on CPU-only partitions); training runs one process per GPU.
     gpus_per_node: int = 8
     # Processes per node; None: gpus_per_node (1 when gpus_per_node is 0).
     ntasks_per_node: Optional[int] = None
+    # CPU cores per process (--cpus-per-task); None: the cluster default.
     cpus_per_task: Optional[int] = None
+    # Memory per node (--mem, e.g. 512G); None: the cluster default.
     mem: Optional[str] = None
     # Wall-clock limit, Slurm format (HH:MM:SS or D-HH:MM:SS).
     time: str = "04:00:00"
@@ -463,29 +548,40 @@ class SlurmResourcesConfig:
 
 @dataclass
 class SlurmConfig:
+    # Slurm account (--account) charged for the jobs.
     account: Optional[str] = None
+    # Default partition of every task (each profile may set its own).
     partition: Optional[str] = None
     # Container image and mounts (pyxis/enroot `--container-image`, `--container-mounts`);
     # None: run in the submitting environment.
     container_image: Optional[str] = None
+    # Mounts as host:container paths (pyxis --container-mounts).
     container_mounts: List[str] = field(default_factory=list)
     # Extra environment variables of every task.
     env: Dict[str, str] = field(default_factory=dict)
     # How NeMo-Run reaches the cluster: local (submit from a login node) | ssh.
     tunnel: str = "local"
+    # tunnel=ssh: the login node.
     ssh_host: Optional[str] = None
+    # tunnel=ssh: user name on the cluster; None: the local user.
     ssh_user: Optional[str] = None
+    # tunnel=ssh: private key file; None: the SSH agent / default key.
     ssh_identity: Optional[str] = None
     # Job files (sbatch scripts, logs) of NeMo-Run; None: <run.dir>/slurm. With tunnel=ssh,
     # a directory on the cluster.
     job_dir: Optional[str] = None
+    # Resources of one synthesis shard task (both engines run in it).
     synth: SlurmResourcesConfig = field(default_factory=SlurmResourcesConfig)
+    # Resources of training tasks (one process per GPU): nodes x processes per node is the
+    # world size.
     train: SlurmResourcesConfig = field(default_factory=SlurmResourcesConfig)
+    # Resources of light CPU tasks (pair building, manifests).
     cpu: SlurmResourcesConfig = field(default_factory=lambda: SlurmResourcesConfig(gpus_per_node=0))
 
 
 @dataclass
 class LaunchConfig:
+    # Slurm settings of `avr pipeline --executor slurm` (and pipeline.executor=slurm).
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 

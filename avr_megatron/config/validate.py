@@ -7,6 +7,7 @@ live where those are known (model builder, runtime init).
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from avr_megatron.config.errors import ConfigError
@@ -283,6 +284,10 @@ def _synth(cfg: AvrConfig) -> list[str]:
     return errs
 
 
+# The time formats sbatch accepts: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, UNLIMITED.
+SLURM_TIME = re.compile(r"^(\d+-\d+(:\d{2}){0,2}|\d+(:\d{2}){0,2}|UNLIMITED|INFINITE)$")
+
+
 @rule
 def _eval(cfg: AvrConfig) -> list[str]:
     """Shape of the eval section (that eval.model is set is checked by `avr eval`)."""
@@ -303,6 +308,69 @@ def _eval(cfg: AvrConfig) -> list[str]:
         SamplingParams(e.sampling.temperature, e.sampling.top_p, e.sampling.max_tokens)
     except ValueError as exc:
         errs.append(str(exc).replace("sampling.", "eval.sampling.", 1))
+    return errs
+
+
+@rule
+def _pipeline(cfg: AvrConfig) -> list[str]:
+    """Shape of the pipeline section; which stage names exist is checked by `avr pipeline`,
+    which builds and validates every stage's config before the first stage starts."""
+    p, errs = cfg.pipeline, []
+    errs += _choice(p.executor, "pipeline.executor", ("local", "inline", "slurm"))
+    if p.synth_shards < 1:
+        errs.append(f"pipeline.synth_shards={p.synth_shards} must be >= 1")
+    for name, override in p.stages.items():
+        if not isinstance(override, dict):
+            errs.append(f"pipeline.stages.{name} must be a mapping of overrides in the recipe's "
+                        f"layout (e.g. {{train: {{train_iters: 100}}}}), got {override!r}")
+    return errs
+
+
+def _slurm_world(res) -> int:
+    per_node = res.ntasks_per_node if res.ntasks_per_node is not None else (res.gpus_per_node or 1)
+    return res.nodes * per_node
+
+
+@rule
+def _slurm(cfg: AvrConfig) -> list[str]:
+    s, errs = cfg.launch.slurm, []
+    errs += _choice(s.tunnel, "launch.slurm.tunnel", ("local", "ssh"))
+    if s.tunnel == "ssh" and not s.ssh_host:
+        errs.append("launch.slurm.tunnel=ssh needs launch.slurm.ssh_host")
+    for profile in ("synth", "train", "cpu"):
+        res, key = getattr(s, profile), f"launch.slurm.{profile}"
+        if res.nodes < 1:
+            errs.append(f"{key}.nodes={res.nodes} must be >= 1")
+        if res.gpus_per_node < 0:
+            errs.append(f"{key}.gpus_per_node={res.gpus_per_node} must be >= 0")
+        if res.ntasks_per_node is not None and res.ntasks_per_node < 1:
+            errs.append(f"{key}.ntasks_per_node={res.ntasks_per_node} must be >= 1 (or null)")
+        if not SLURM_TIME.match(res.time):
+            errs.append(f"{key}.time={res.time!r} is not a Slurm time (e.g. HH:MM:SS or "
+                        "D-HH:MM:SS)")
+    if errs or cfg.pipeline.executor != "slurm":
+        return errs
+    # Layout checks that need the world size, which launch.slurm.train fixes on Slurm.
+    p, t = cfg.parallel, cfg.train
+    world, model = _slurm_world(s.train), (p.tensor_model_parallel_size *
+                                           p.pipeline_model_parallel_size * p.context_parallel_size)
+    if model >= 1 and world % model:
+        errs.append(f"launch.slurm.train gives {world} processes ({s.train.nodes} node(s) x "
+                    f"{world // s.train.nodes} per node), not divisible by TP x PP x CP = {model} "
+                    "(parallel.*_parallel_size)")
+    elif model >= 1 and t.micro_batch_size >= 1:
+        dp = world // model
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                        f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
+                        f"(launch.slurm.train: {world} processes / TP x PP x CP = {model})")
+    for role in ("policy", "reward"):
+        e = getattr(cfg.synth, role)
+        if e.backend == "vllm" and s.synth.gpus_per_node and \
+                e.tensor_parallel_size > s.synth.gpus_per_node:
+            errs.append(f"synth.{role}.tensor_parallel_size={e.tensor_parallel_size} exceeds "
+                        f"launch.slurm.synth.gpus_per_node={s.synth.gpus_per_node} (one synthesis "
+                        "shard runs on one node)")
     return errs
 
 
