@@ -10,6 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", dest="stop", metavar="STAGE", help="stop after this stage")
     parser.add_argument("--only", metavar="STAGE", help="run just this stage")
     parser.add_argument("--list", action="store_true", help="list the stages and exit")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun the selected stages even when they are up to date")
     parser.add_argument("--executor", help="local | inline | slurm (default: pipeline.executor)")
     parser.add_argument("--dryrun", action="store_true",
                         help="print what each stage would launch (with --executor slurm: the sbatch "
@@ -26,4 +28,4 @@ def run(args, cfg) -> int:
     from avr_megatron.pipeline.runner import run_pipeline
 
     return run_pipeline(cfg, start=args.start, stop=args.stop, only=args.only,
-                        executor=args.executor, dryrun=args.dryrun)
+                        executor=args.executor, dryrun=args.dryrun, force=args.force)

@@ -74,7 +74,7 @@ def _raise_interrupt(signum, frame):
 
 def run_pipeline(cfg: AvrConfig, *, start: str | None = None, stop: str | None = None,
                  only: str | None = None, executor: str | None = None, dryrun: bool = False,
-                 out=sys.stdout) -> int:
+                 force: bool = False, out=sys.stdout) -> int:
     try:
         selected = select(start, stop, only)
     except ValueError as e:
@@ -97,7 +97,7 @@ def run_pipeline(cfg: AvrConfig, *, start: str | None = None, stop: str | None =
     code = 0
     try:
         for i, plan in enumerate(plans, 1):
-            code = _run_one(plan, ex, manifest, root, cfg, f"[{i}/{len(plans)}]", out)
+            code = _run_one(plan, ex, manifest, root, cfg, f"[{i}/{len(plans)}]", out, force)
             if code:
                 break
     finally:
@@ -108,13 +108,15 @@ def run_pipeline(cfg: AvrConfig, *, start: str | None = None, stop: str | None =
 
 
 def _run_one(plan: StagePlan, ex: Any, manifest: Manifest, root: Path, cfg: AvrConfig,
-             counter: str, out) -> int:
+             counter: str, out, force: bool = False) -> int:
     name = plan.stage.name
     save_config(plan.cfg, plan.config_path)
     config_fp = text_fingerprint(plan.config_path.read_text())
     inputs = {str(p): fingerprint(p) for p in plan.inputs}
     current, reason = manifest.is_current(name, config_fp, inputs, list(plan.outputs))
-    if current:
+    if force:
+        reason = "--force"
+    elif current:
         print(f"{counter} {name}: up to date, skipped", file=out)
         return 0
     print(f"{counter} {name}: {plan.stage.what} ({reason}; logs in {plan.dir / 'logs'})",

@@ -38,12 +38,18 @@ TRAIN_DATA = {"rsft": ("base", "stage1/sft"),
 # What each stage reads beyond its model (stage -> paths relative to R), for skip decisions.
 SYNTH_OUT = {"stage1_trees_base": "synth/base/stage1", "stage1_trees": "synth/onpolicy/stage1",
              "stage2_search": "synth/stage2/stage2", "stage2_thoughts": "synth/stage2/thoughts"}
-READS = {"stage1_pairs_base": ["synth/base/stage1"], "stage1_pairs": ["synth/onpolicy/stage1"],
-         "stage2_sft_data": ["synth/stage2/stage2"],
-         "stage2_thoughts": ["synth/stage2/stage2"],
-         "stage2_pairs": ["synth/stage2/stage2", "synth/stage2/thoughts"],
-         "stage1_dpo": ["data/onpolicy/stage1/preference.ref_logps"],
-         "lcdpo": ["data/lcdpo/stage2/preference.ref_logps"]}
+# Fingerprinted are the data files only, not summaries or manifests (they hold timings and
+# absolute paths), so identical results count as identical wherever and whenever they were made.
+READS = {"stage1_pairs_base": ["synth/base/stage1/data"], "stage1_pairs": ["synth/onpolicy/stage1/data"],
+         "stage2_sft_data": ["synth/stage2/stage2/data"],
+         "stage2_thoughts": ["synth/stage2/stage2/data"],
+         "stage2_pairs": ["synth/stage2/stage2/data", "synth/stage2/thoughts/data"],
+         "stage1_dpo": ["data/onpolicy/stage1/preference.ref_logps/logps.parquet"],
+         "lcdpo": ["data/lcdpo/stage2/preference.ref_logps/logps.parquet"]}
+# The datasets each pairs stage writes (under its data root).
+PAIRS_OUT = {"stage1_pairs_base": ["stage1/sft", "stage1/preference"],
+             "stage1_pairs": ["stage1/sft", "stage1/preference"],
+             "stage2_sft_data": ["stage2/sft"], "stage2_pairs": ["stage2/sft", "stage2/preference"]}
 
 
 @dataclass(frozen=True)
@@ -79,11 +85,11 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> tuple[dict[str, Any], l
         synth["output_dir"] = str(root / "synth" / SYNTH_ROOT[name])
     if name in DATA_ROOT:
         synth["data_dir"] = str(root / "data" / DATA_ROOT[name])
-        outputs.append(root / "data" / DATA_ROOT[name])
+        outputs += [root / "data" / DATA_ROOT[name] / d for d in PAIRS_OUT[name]]
     if stage.command[0] == "synth":
         synth["policy"] = {"model": str(model)}
         inputs.append(model)
-        outputs.append(root / SYNTH_OUT[name])
+        outputs.append(root / SYNTH_OUT[name] / "data")
         if stage.command[1] == "stage1" or stage.command[1] == "stage2":
             if cfg.synth.input.path:
                 inputs.append(Path(cfg.synth.input.path))
@@ -96,7 +102,7 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> tuple[dict[str, Any], l
         w["model"] = {"init_from": {"hf": str(model), "mcore": None}}
         inputs += [train, model]
         if stage.command == ("logps",):
-            outputs.append(Path(str(train) + ".ref_logps"))
+            outputs.append(Path(str(train) + ".ref_logps") / "logps.parquet")
         else:
             w["loss"] = {"reference": "precomputed"} if stage.command == ("train", "dpo") else {}
     if stage.exports_model:
@@ -105,7 +111,7 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> tuple[dict[str, Any], l
     if name == "eval":
         w["eval"] = {"model": str(model), "baseline_model": str(base), "long_thought": True}
         inputs += [model, base]
-        outputs.append(root / "stages" / "eval" / "eval")
+        outputs.append(root / "stages" / "eval" / "eval" / "answers")
     if not w.get("loss"):
         w.pop("loss", None)
     return w, inputs, outputs

@@ -39,7 +39,12 @@ def stage_summary(plan: StagePlan, root: Path) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items() if v is not None}
     if cmd[0] == "logps":
         ref = Path(str(plan.cfg.data.train) + ".ref_logps")
-        return {"parts": len(list(ref.glob("*")))} if ref.exists() else {}
+        try:
+            import pyarrow.parquet as pq
+
+            return {"pairs": pq.read_metadata(ref / "logps.parquet").num_rows}
+        except (OSError, ImportError):
+            return {}
     if cmd[0] == "eval":
         r = _json(Path(plan.cfg.eval.output_dir or Path(plan.cfg.run.dir) / "eval") / "results.json")
         table = r.get("table") or []
