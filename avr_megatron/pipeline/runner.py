@@ -123,6 +123,11 @@ def _run_one(plan: StagePlan, ex: Any, manifest: Manifest, root: Path, cfg: AvrC
           file=out, flush=True)
     if plan.export is not None and plan.export.exists():
         shutil.rmtree(plan.export)  # a stale export of an earlier, unfinished run
+    previous = manifest.entry(name)
+    resumable = (previous.get("status") in ("running", "interrupted", "failed")
+                 and previous.get("config_fingerprint") == config_fp and previous.get("inputs") == inputs)
+    if previous and not resumable:
+        start_fresh(plan)
     manifest.start(name, config_fp, inputs)
     t0 = time.time()
     try:
@@ -141,6 +146,22 @@ def _run_one(plan: StagePlan, ex: Any, manifest: Manifest, root: Path, cfg: AvrC
     manifest.finish(name, "done", outputs, stage_summary(plan, root))
     print(f"{counter} {name}: done in {time.time() - t0:.0f} s", file=out, flush=True)
     return 0
+
+
+def start_fresh(plan: StagePlan) -> None:
+    """A stage whose config or inputs changed starts over: its checkpoints, metrics and outputs
+    from the earlier run are removed (its logs and stage.yaml stay), so nothing resumes from
+    weights or shards that belong to other settings."""
+    for child in plan.dir.iterdir() if plan.dir.exists() else ():
+        if child.name not in ("logs", "stage.yaml"):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for out in plan.outputs:
+        # The directory that owns an output: a synthesis store, a log-prob store, eval answers.
+        owner = out.parent if out.name in ("data", "logps.parquet", "answers") else out
+        if owner.is_dir():
+            shutil.rmtree(owner)
+        elif owner.exists():
+            owner.unlink()
 
 
 def print_report(plans: list[StagePlan], manifest: Manifest, root: Path, out) -> None:

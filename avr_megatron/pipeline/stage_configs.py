@@ -87,7 +87,8 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> tuple[dict[str, Any], l
         synth["data_dir"] = str(root / "data" / DATA_ROOT[name])
         outputs += [root / "data" / DATA_ROOT[name] / d for d in PAIRS_OUT[name]]
     if stage.command[0] == "synth":
-        synth["policy"] = {"model": str(model)}
+        # Provenance names the pipeline model ("base", "rsft", ...), not a run-specific path.
+        synth["policy"] = {"model": str(model), "name": f"{cfg.run.name}:{stage.model_from}"}
         inputs.append(model)
         outputs.append(root / SYNTH_OUT[name] / "data")
         if stage.command[1] == "stage1" or stage.command[1] == "stage2":
