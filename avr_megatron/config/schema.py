@@ -450,6 +450,15 @@ class SlurmConfig:
     # Job files (sbatch scripts, logs) of NeMo-Run; None: <run.dir>/slurm. With tunnel=ssh,
     # a directory on the cluster.
     job_dir: Optional[str] = None
+    # The command that starts `avr` on the nodes; None: "avr" in a container, else this
+    # Python (`<python> -m avr_megatron.cli.main`, for a shared file system).
+    avr_command: Optional[str] = None
+    # Send SIGUSR1 this many seconds before the time limit (training checkpoints and exits
+    # with code 75); 0 disables it.
+    signal_seconds: int = 300
+    # A task that exits with 75 (preempted, checkpoint saved) is submitted again this many
+    # times; it resumes from its checkpoint.
+    preempt_retries: int = 3
     synth: SlurmResourcesConfig = field(default_factory=SlurmResourcesConfig)
     train: SlurmResourcesConfig = field(default_factory=SlurmResourcesConfig)
     cpu: SlurmResourcesConfig = field(default_factory=lambda: SlurmResourcesConfig(gpus_per_node=0))

@@ -7,6 +7,7 @@ live where those are known (model builder, runtime init).
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from avr_megatron.config.errors import ConfigError
@@ -280,6 +281,47 @@ def _synth(cfg: AvrConfig) -> list[str]:
             if prefix is not None:
                 msg = msg.replace("sampling.", f"{prefix}.", 1).replace("filters.", f"{prefix}.", 1)
             errs.append(msg)
+    return errs
+
+
+# Slurm --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|"
+                         r"\d+-\d+:\d{2}:\d{2})$")
+
+
+@rule
+def _launch_slurm(cfg: AvrConfig) -> list[str]:
+    s, errs = cfg.launch.slurm, []
+    errs += _choice(s.tunnel, "launch.slurm.tunnel", ("local", "ssh"))
+    if s.tunnel == "ssh":
+        if not s.ssh_host:
+            errs.append("launch.slurm.tunnel=ssh needs launch.slurm.ssh_host")
+        if not s.job_dir:
+            errs.append("launch.slurm.tunnel=ssh needs launch.slurm.job_dir (a directory on the "
+                        "cluster)")
+    elif s.ssh_host or s.ssh_user or s.ssh_identity:
+        errs.append("launch.slurm.ssh_host/ssh_user/ssh_identity need launch.slurm.tunnel=ssh")
+    for name in ("synth", "train", "cpu"):
+        r, key = getattr(s, name), f"launch.slurm.{name}"
+        if not _SLURM_TIME.match(str(r.time)):
+            errs.append(f"{key}.time={r.time!r} is not a Slurm time (HH:MM:SS or D-HH:MM:SS)")
+        if r.nodes < 1:
+            errs.append(f"{key}.nodes={r.nodes} must be >= 1")
+        if r.gpus_per_node < 0:
+            errs.append(f"{key}.gpus_per_node={r.gpus_per_node} must be >= 0")
+        if r.ntasks_per_node is not None and r.ntasks_per_node < 1:
+            errs.append(f"{key}.ntasks_per_node={r.ntasks_per_node} must be >= 1 (or null)")
+        if r.cpus_per_task is not None and r.cpus_per_task < 1:
+            errs.append(f"{key}.cpus_per_task={r.cpus_per_task} must be >= 1 (or null)")
+    if s.signal_seconds < 0:
+        errs.append(f"launch.slurm.signal_seconds={s.signal_seconds} must be >= 0 (0: no signal)")
+    if s.preempt_retries < 0:
+        errs.append(f"launch.slurm.preempt_retries={s.preempt_retries} must be >= 0")
+    for i, mount in enumerate(s.container_mounts):
+        if ":" not in mount:
+            errs.append(f"launch.slurm.container_mounts[{i}]={mount!r} must be SRC:DST[:FLAGS]")
+    if s.container_mounts and not s.container_image:
+        errs.append("launch.slurm.container_mounts need launch.slurm.container_image")
     return errs
 
 
