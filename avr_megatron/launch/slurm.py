@@ -13,6 +13,7 @@ StageFailed with the tail of the job's log, which is also copied to <spec.log_di
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -67,6 +68,8 @@ class SlurmStageExecutor:
         self.s = cfg.launch.slurm
         self.poll_seconds = poll_seconds
         self.workdir = os.getcwd()
+        # NeMo-Run's final state of each task of the last stage run (SUCCEEDED, FAILED, ...).
+        self.states: dict[str, str] = {}
 
     # -- building blocks ------------------------------------------------------------------
     def local_dir(self) -> str:
@@ -136,7 +139,7 @@ class SlurmStageExecutor:
         import nemo_run as run
 
         exp = run.Experiment(f"avr-{spec.name}", base_dir=self.local_dir(), log_level="WARN",
-                             enable_goodbye_message=False)
+                             enable_goodbye_message=False, skip_status_at_exit=True)
         return exp
 
     # -- the executor interface -----------------------------------------------------------
@@ -176,6 +179,17 @@ class SlurmStageExecutor:
             + req.materialize())
 
     def run_stage(self, spec: StageSpec) -> None:
+        # NeMo-Run's shell commands (through invoke) would read our stdin: they need no input,
+        # and must not eat a terminal's keystrokes or trip over a closed/captured stdin.
+        stdin = sys.stdin
+        try:
+            with open(os.devnull) as sys.stdin:
+                self._run_stage(spec)
+        finally:
+            sys.stdin = stdin
+
+    def _run_stage(self, spec: StageSpec) -> None:
+        self.states = {}
         pending = list(spec.tasks)
         attempts = {t.name: 0 for t in spec.tasks}
         while pending:
@@ -209,13 +223,15 @@ class SlurmStageExecutor:
             for task in tasks:
                 job = jobs[task.name]
                 state = self._wait(job, runner)
-                code = self._exit_code(job.executor, app_ids[task.name])
                 log_text = self._collect_log(job.executor, app_ids[task.name])
+                code = _first_task_exit(log_text) or self._exit_code(job.executor,
+                                                                     app_ids[task.name])
                 log_path = spec.log_dir / f"{task.name}.log"
                 log_path.write_text(log_text)
                 if state == "SUCCEEDED" and code not in (0, None):
                     state = "FAILED"
                 out[task.name] = (state, code, log_text, log_path)
+                self.states[task.name] = state
         return out
 
     def _wait(self, job, runner) -> str:
@@ -263,3 +279,13 @@ class SlurmStageExecutor:
 def make_executor(cfg: Any) -> SlurmStageExecutor:
     return SlurmStageExecutor(cfg)
 
+
+_TASK_EXIT = re.compile(r"srun: error: \S+: tasks? [\d,-]+: Exited with exit code (\d+)")
+
+
+def _first_task_exit(log_text: str) -> int | None:
+    """The exit code of the first task that failed, as srun reports it. With several processes
+    the job's own code is often the signal that ended the others (--kill-on-bad-exit); the
+    first failure is the cause."""
+    m = _TASK_EXIT.search(log_text)
+    return int(m.group(1)) if m else None

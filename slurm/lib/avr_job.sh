@@ -109,8 +109,12 @@ avr_main() {
   trap 'avr_forward TERM' TERM
   # With B: the signal goes to the batch step's processes, srun among them, which would die of
   # it: start srun with USR1 ignored (srun sets its own handlers for the signals it forwards).
+  # srun's own messages also go to a file: "task N: Exited with exit code X" says which task
+  # failed first, and how (see below).
+  local srun_log=$log_dir/$stage.$SLURM_JOB_ID.r${SLURM_RESTART_COUNT:-0}.srun.log
   (trap '' USR1; exec srun --kill-on-bad-exit=1 --open-mode=append \
-       --output="$log_dir/$stage.$SLURM_JOB_ID.rank%t.log" "${avr[@]}") &
+       --output="$log_dir/$stage.$SLURM_JOB_ID.rank%t.log" "${avr[@]}" \
+       2> >(tee -a "$srun_log" >&2)) &
   srun_pid=$!
   # `wait` returns early when a trapped signal arrives: keep waiting for srun itself.
   while true; do
@@ -118,6 +122,13 @@ avr_main() {
     kill -0 "$srun_pid" 2>/dev/null || break
   done
   trap - USR1 TERM
+  # With several processes srun's code is often the signal that ended the others
+  # (--kill-on-bad-exit); the first task to exit non-zero tells the cause (2: bad input, 75:
+  # checkpoint saved, ...).
+  local first
+  first=$(sed -n 's/.*: tasks\{0,1\} [0-9,-]*: Exited with exit code \([0-9]*\).*/\1/p' \
+          "$srun_log" 2>/dev/null | head -n 1)
+  [[ $rc -ne 0 && -n $first ]] && rc=$first
   tail -n 5 "$log_dir/$stage.$SLURM_JOB_ID.rank0.log" >&2 || true
 
   if [[ $rc -eq 75 ]]; then
