@@ -428,7 +428,7 @@ class SlurmResourcesConfig:
     ntasks_per_node: Optional[int] = None
     cpus_per_task: Optional[int] = None
     mem: Optional[str] = None
-    # Wall-clock limit, Slurm format (HH:MM:SS or D-HH:MM:SS).
+    # Wall-clock limit, Slurm format (HH:MM:SS or D-HH:MM:SS); quote it in YAML ("4:00:00").
     time: str = "04:00:00"
 
 

@@ -284,8 +284,8 @@ def _synth(cfg: AvrConfig) -> list[str]:
     return errs
 
 
-# Slurm --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|"
+# Slurm --time: M:S, H:M:S, D-H, D-H:M, D-H:M:S (bare minutes are refused, see below).
+_SLURM_TIME = re.compile(r"^(\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|"
                          r"\d+-\d+:\d{2}:\d{2})$")
 
 
@@ -303,7 +303,11 @@ def _launch_slurm(cfg: AvrConfig) -> list[str]:
         errs.append("launch.slurm.ssh_host/ssh_user/ssh_identity need launch.slurm.tunnel=ssh")
     for name in ("synth", "train", "cpu"):
         r, key = getattr(s, name), f"launch.slurm.{name}"
-        if not _SLURM_TIME.match(str(r.time)):
+        if str(r.time).isdigit():
+            # YAML 1.1 reads an unquoted 4:00:00 as the base-60 number 14400 (minutes to Slurm).
+            errs.append(f"{key}.time={r.time!r} is a bare number: quote the time in the recipe "
+                        f"(time: \"4:00:00\"); unquoted H:MM:SS is read as a base-60 integer")
+        elif not _SLURM_TIME.match(str(r.time)):
             errs.append(f"{key}.time={r.time!r} is not a Slurm time (HH:MM:SS or D-HH:MM:SS)")
         if r.nodes < 1:
             errs.append(f"{key}.nodes={r.nodes} must be >= 1")
