@@ -29,9 +29,10 @@ def describe(cfg: AvrConfig, world_size: int) -> str:
             f" x parallel.pipeline_model_parallel_size={pp} x parallel.context_parallel_size={cp}"
             f" = {model_parallel}")
     dp = world_size // model_parallel
+    ckpt = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
     lines = [
         f"run.dir: {os.path.abspath(cfg.run.dir)}",
-        f"checkpoint.dir: {os.path.abspath(cfg.checkpoint.dir or os.path.join(cfg.run.dir, 'checkpoints'))}",
+        f"checkpoint.dir: {os.path.abspath(ckpt)}",
         f"model: preset={cfg.model.preset} layers={cfg.model.num_layers} "
         f"hidden={cfg.model.hidden_size}",
         f"layout: world={world_size} TP={tp} PP={pp} VPP={p.virtual_pipeline_model_parallel_size}"

@@ -33,11 +33,13 @@ EXIT_PREEMPTED = 75  # avr_megatron.training.signals.EXIT_PREEMPTED (not importe
 # previous incarnation's socket.
 RENDEZVOUS_SETUP = r"""
 avr_first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_ADDR=$(scontrol show node "$avr_first_node" -o 2>/dev/null | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
+MASTER_ADDR=$(scontrol show node "$avr_first_node" -o 2>/dev/null \
+  | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
 export MASTER_ADDR=${MASTER_ADDR:-$avr_first_node}
 export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 4 + ${SLURM_RESTART_COUNT:-0} % 4) % 20000 ))
 echo "avr: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
 """.strip()
+
 
 @dataclass(frozen=True)
 class TaskLayout:
@@ -95,8 +97,9 @@ class SlurmStageExecutor:
         import nemo_run as run
 
         if self.s.tunnel == "ssh":
-            return run.SSHTunnel(host=self.s.ssh_host, user=self.s.ssh_user or os.environ.get("USER", ""),
-                                 job_dir=self.job_dir(), identity=self.s.ssh_identity)
+            user = self.s.ssh_user or os.environ.get("USER", "")
+            return run.SSHTunnel(host=self.s.ssh_host, user=user, job_dir=self.job_dir(),
+                                 identity=self.s.ssh_identity)
         return run.LocalTunnel(job_dir=self.job_dir())
 
     def executor(self, spec: StageSpec, task: StageTask):
@@ -105,7 +108,7 @@ class SlurmStageExecutor:
         profile = getattr(self.s, spec.resources)
         lay = task_layout(profile, task)
         env = {**{k: str(v) for k, v in self.s.env.items()}, **task.env}
-        ex = run.SlurmExecutor(
+        return run.SlurmExecutor(
             account=self.s.account,  # None: no --account line
             partition=profile.partition or self.s.partition,
             job_name_prefix=f"avr-{spec.name}-",
@@ -123,7 +126,6 @@ class SlurmStageExecutor:
             tunnel=self.tunnel(),
             packager=run.Packager(),
         )
-        return ex
 
     def script(self, task: StageTask):
         import nemo_run as run
@@ -222,7 +224,12 @@ class SlurmStageExecutor:
             out = {}
             for task in tasks:
                 job = jobs[task.name]
-                state = self._wait(job, runner)
+                try:
+                    state = self._wait(job, runner)
+                except BaseException:  # Ctrl-C, or anything else: leave no job running behind
+                    job.executor.tunnel.run(f"scancel {' '.join(app_ids.values())}", hide=True,
+                                            warn=True)
+                    raise
                 log_text = self._collect_log(job.executor, app_ids[task.name])
                 code = _first_task_exit(log_text) or self._exit_code(job.executor,
                                                                      app_ids[task.name])

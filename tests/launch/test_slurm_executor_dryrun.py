@@ -76,7 +76,8 @@ def test_cpu_profile_and_ntasks(tmp_path):
     (["launch.slurm.tunnel=kube"], "launch.slurm.tunnel='kube' is not one of"),
     (["launch.slurm.ssh_host=login"], "need launch.slurm.tunnel=ssh"),
     (["launch.slurm.train.time=4h"], "launch.slurm.train.time='4h' is not a Slurm time"),
-    (["launch.slurm.synth.time=4:00:00"], "launch.slurm.synth.time='14400' is a bare number: quote"),
+    (["launch.slurm.synth.time=4:00:00"],
+     "launch.slurm.synth.time='14400' is a bare number: quote"),
     (["launch.slurm.synth.time=1:2:3:4:5"], "launch.slurm.synth.time="),
     (["launch.slurm.synth.time=1h"], "launch.slurm.synth.time='1h' is not a Slurm time"),
     (["launch.slurm.cpu.nodes=0"], "launch.slurm.cpu.nodes=0 must be >= 1"),
@@ -94,7 +95,44 @@ def test_bad_launch_settings_name_the_key(overrides, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("value", ["'30:00'", "04:00:00", "'4:00:00'", "2-00", "1-12:00", "1-00:00:00"])
+@pytest.mark.parametrize("value", ["'30:00'", "04:00:00", "'4:00:00'", "2-00", "1-12:00",
+                                   "1-00:00:00"])
 def test_slurm_time_formats_accepted(value):
     cfg = load_config(None, [f"launch.slurm.train.time={value}"])
     assert cfg.launch.slurm.train.time == value.strip("'")
+
+
+class _Scripted:
+    """Stands in for the cluster: each submission returns the next (state, exit code) per task."""
+
+    def __init__(self, outcomes):
+        self.outcomes, self.submitted = list(outcomes), []
+
+    def __call__(self, spec, tasks):
+        self.submitted.append([t.name for t in tasks])
+        state, code = self.outcomes.pop(0)
+        return {t.name: (state, code, f"log of {t.name}\nexit {code}", spec.log_dir / "x.log")
+                for t in tasks}
+
+
+def test_preempted_task_is_resubmitted_then_succeeds(tmp_path, monkeypatch):
+    ex = make_executor(_cfg(tmp_path, "launch.slurm.preempt_retries=2"))
+    fake = _Scripted([("FAILED", 75), ("FAILED", 75), ("SUCCEEDED", 0)])
+    monkeypatch.setattr(ex, "_submit_and_wait", fake)
+    ex.run_stage(_stage(tmp_path))
+    assert fake.submitted == [["main"]] * 3
+
+
+def test_preemption_retries_are_bounded_and_other_failures_are_not_retried(tmp_path, monkeypatch):
+    from avr_megatron.pipeline.spec import StageFailed
+
+    ex = make_executor(_cfg(tmp_path, "launch.slurm.preempt_retries=1"))
+    monkeypatch.setattr(ex, "_submit_and_wait", _Scripted([("FAILED", 75)] * 3))
+    with pytest.raises(StageFailed, match="exit code 75"):
+        ex.run_stage(_stage(tmp_path))
+    fake = _Scripted([("FAILED", 2)])
+    monkeypatch.setattr(ex, "_submit_and_wait", fake)
+    with pytest.raises(StageFailed) as e:
+        ex.run_stage(_stage(tmp_path))
+    assert fake.submitted == [["main"]] and e.value.returncode == 2
+    assert "log of main" in e.value.log_tail

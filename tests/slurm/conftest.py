@@ -10,7 +10,7 @@ import pytest
 # Tests here share slurm_cluster.py; pytest's importlib mode does not put test dirs on sys.path.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from slurm_cluster import CLUSTER, STATE_DIR, Cluster, skip_reason  # noqa: E402
+from slurm_cluster import CLUSTER, STATE_DIR, Cluster, daemon_pids, skip_reason  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,10 @@ def cluster():
     try:
         yield Cluster(env)
     finally:
+        pids = daemon_pids()
         down = subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True,
                               text=True, timeout=180)
         assert down.returncode == 0, down.stderr
+        left = [p for p in pids if Path(f"/proc/{p}").exists()]
+        assert not left, f"daemons left running after local_cluster.sh down: {left}"
+        assert not Path(STATE_DIR).exists()

@@ -22,6 +22,12 @@ def skip_reason() -> str | None:
     return None
 
 
+def daemon_pids() -> list[int]:
+    """slurmctld, both slurmd, slurmdbd and MariaDB of the test cluster, from their pid files."""
+    files = ["slurmctld.pid", "slurmd-n1.pid", "slurmd-n2.pid", "slurmdbd.pid", "db/mariadbd.pid"]
+    return [int(p.read_text()) for p in (Path(STATE_DIR) / f for f in files) if p.is_file()]
+
+
 class Cluster:
     def __init__(self, env: dict):
         self.env = env
