@@ -31,6 +31,7 @@
 ##SBATCH --account=CHANGE_ME
 ##SBATCH --partition=CHANGE_ME
 set -euo pipefail
+AVR_SCRIPT=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")  # this file (sbatch: its spool copy)
 AVR_HOME=${AVR_HOME:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 cd "$AVR_HOME"
 AVR_RECIPE=${AVR_RECIPE:-recipes/llama3_8b.yaml}
@@ -38,4 +39,4 @@ AVR_RECIPE=${AVR_RECIPE:-recipes/llama3_8b.yaml}
 export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22} CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 # shellcheck source=slurm/lib/avr_job.sh
 source "$AVR_HOME/slurm/lib/avr_job.sh"
-avr_main "$0" "$@"
+avr_main "$AVR_SCRIPT" "$@"

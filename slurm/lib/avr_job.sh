@@ -55,7 +55,8 @@ avr_main() {
   local words cmd=() overrides=("$@")
   words=$(avr_stage_command)
   read -r -a cmd <<<"$words"
-  local stage=${STAGE:-${words// /_}}
+  local stage=${STAGE:-sft}
+  [[ -n ${AVR_CMD:-} && -z ${STAGE:-} ]] && stage=${words// /_}
   # Inside a job Slurm's variables say what was granted; outside (DRYRUN=1 bash slurm/...)
   # the script's own #SBATCH lines say what would be asked for.
   local nodes per_node gpus time_limit

@@ -4,6 +4,7 @@ told to checkpoint (USR1 to the batch shell, as `--signal=B:USR1@...` does) requ
 and resumes to the same final loss; a failing stage fails the job with the error in its log."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from slurm_cluster import REPO, avr_python
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ITERS = 30
 # CPU settings for the local cluster: the script's GPU/CPU/memory headers are overridden.
-CPU_FLAGS = ["--gpus-per-node=0", "--cpus-per-task=1", "--mem=1G", "--ntasks-per-node=1"]
+# --exclusive=user lets this user's test jobs share the two nodes (the header asks --exclusive).
+CPU_FLAGS = ["--gpus-per-node=0", "--cpus-per-task=1", "--mem=1G", "--ntasks-per-node=1",
+             "--exclusive=user"]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +54,10 @@ def _job_log(run_dir: Path, job: str) -> str:
 def baseline(cluster, toy, tmp_path_factory):
     """The same SFT run on two nodes and on one node."""
     root = tmp_path_factory.mktemp("baseline")
+    jobs = {nodes: (root / f"nodes{nodes}", _submit(cluster, root / f"nodes{nodes}", toy, nodes))
+            for nodes in (2, 1)}  # both at once
     out = {}
-    for nodes in (2, 1):
-        run_dir = root / f"nodes{nodes}"
-        job = _submit(cluster, run_dir, toy, nodes)
+    for nodes, (run_dir, job) in jobs.items():
         info = cluster.wait(job)
         assert info["JobState"] == "COMPLETED", _job_log(run_dir, job)
         out[nodes] = (run_dir, job, info)
@@ -79,29 +82,43 @@ def test_two_nodes_match_one_node(baseline):
     assert "TP=1 PP=1 VPP=None CP=1 DP=2" in _job_log(two, job)
 
 
-def test_checkpoint_signal_requeues_and_resumes(cluster, toy, baseline, tmp_path):
-    import time
-
-    run_dir = tmp_path / "requeue"
-    job = _submit(cluster, run_dir, toy, 2)
-    metrics = run_dir / "metrics.jsonl"
-    end = time.time() + 120
+def _wait_for(what, predicate, timeout=120):
+    end = time.time() + timeout
     while time.time() < end:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:
-            break
+        if predicate():
+            return
         time.sleep(0.2)
-    else:
-        pytest.fail(f"training did not start: {_job_log(run_dir, job)}")
-    # What `#SBATCH --signal=B:USR1@600` does before the time limit.
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _last_iteration(metrics: Path) -> int:
+    rows = metrics.read_text().splitlines() if metrics.is_file() else []
+    return json.loads(rows[-1])["iteration"] if rows else 0
+
+
+def test_signal_and_requeue_resume_to_the_same_loss(cluster, toy, baseline, tmp_path):
+    """Two interruptions of one job: USR1 to the batch shell (what `--signal=B:USR1@600` does
+    before the time limit) -> checkpoint, exit 75, the job requeues itself; then `scontrol
+    requeue` (an admin, a node failure) -> Slurm kills and restarts it. Each restart resumes
+    from the newest checkpoint, and the run ends at the uninterrupted run's loss."""
+    run_dir = tmp_path / "requeue"
+    metrics = run_dir / "metrics.jsonl"
+    job = _submit(cluster, run_dir, toy, 2, "checkpoint.save_interval=5")
+    _wait_for("training to start", lambda: _last_iteration(metrics) >= 3)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
-    info = cluster.wait(job, timeout=240)
+    _wait_for("the first requeue", lambda: cluster.job(job)["Restarts"] == "1", timeout=180)
+    first_stop = json.loads((run_dir / "train_summary.json").read_text())["iteration"]
+    _wait_for("the resumed run to pass a periodic checkpoint",
+              lambda: _last_iteration(metrics) >= first_stop + 6, timeout=180)
+    cluster.run("scontrol", "requeue", job)
+    info = cluster.wait(job, timeout=300)
     log = _job_log(run_dir, job)
-    assert info["JobState"] == "COMPLETED", log
-    assert info["Restarts"] == "1", log
-    assert "checkpoint saved (exit 75): requeueing" in log
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log
+    assert log.count("checkpoint saved (exit 75): requeueing") >= 1
+    assert "restart 1," in log and "restart 2," in log
     s = _summary(run_dir)
     assert s["status"] == "finished" and s["iteration"] == ITERS
-    assert 0 < s["started_at_iteration"] < ITERS  # the second run resumed from the checkpoint
+    assert first_stop < s["started_at_iteration"] < ITERS, log  # resumed, not restarted
     two = _summary(baseline[2][0])
     assert s["last"]["loss"] == pytest.approx(two["last"]["loss"], rel=1e-5, abs=1e-6)
 
