@@ -20,7 +20,9 @@ class Executor(Protocol):
 
 
 # name -> "module:function" (imported on use, so `avr --help` stays light).
-EXECUTORS: dict[str, str] = {}
+EXECUTORS: dict[str, str] = {
+    "slurm": "avr_megatron.launch.slurm:make_executor",
+}
 
 
 def register_executor(name: str, factory: str) -> None:
