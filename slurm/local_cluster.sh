@@ -128,8 +128,20 @@ nodes_idle() {  # (sinfo retries for a minute when slurmctld is down: check the 
   ctld_running && [[ $(timeout 10 sinfo -h -N -o "%N %T" 2>/dev/null | grep -cE "^n[12] (idle|mixed|allocated)") -eq 2 ]]
 }
 
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 up() {
   if nodes_idle; then log "already up"; echo "export SLURM_CONF=$SLURM_CONF"; return 0; fi
+  local port
+  if ! ctld_running; then  # our ports held by someone else: most likely a cluster in another dir
+    for port in 6917 6919 3316 "${PORTS[@]}"; do
+      if port_busy "$port"; then
+        log "port $port is in use: is a cluster from another AVR_SLURM_DIR running? Stop it" \
+            "with AVR_SLURM_DIR=<its dir> $0 down"
+        return 1
+      fi
+    done
+  fi
   install_packages
   write_config
   start_munge
@@ -158,6 +170,15 @@ stop_pidfile() {  # SIGTERM, wait up to 10 s, then SIGKILL
   kill -9 "$p" 2>/dev/null || true
 }
 
+kill_our_stepds() {  # step daemons left behind by a job; only this cluster's (by SLURM_CONF)
+  local p
+  for p in $(pgrep -x slurmstepd 2>/dev/null); do
+    tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_CONF" \
+      && kill -9 "$p" 2>/dev/null
+  done
+  return 0
+}
+
 down() {
   local f i
   if ctld_running; then
@@ -169,7 +190,7 @@ down() {
     stop_pidfile "$f"
   done
   [[ -f $D/munged.ours ]] && stop_pidfile /run/munge/munged.pid
-  pkill -9 -f "slurmstepd" 2>/dev/null || true
+  kill_our_stepds
   rm -rf "$D"
   log "down"
 }

@@ -550,7 +550,7 @@ class SlurmResourcesConfig:
     cpus_per_task: Optional[int] = None
     # Memory per node (--mem, e.g. 512G); None: the cluster default.
     mem: Optional[str] = None
-    # Wall-clock limit, Slurm format (HH:MM:SS or D-HH:MM:SS).
+    # Wall-clock limit, Slurm format (HH:MM:SS or D-HH:MM:SS); quote it in YAML ("4:00:00").
     time: str = "04:00:00"
 
 
@@ -578,6 +578,15 @@ class SlurmConfig:
     # Job files (sbatch scripts, logs) of NeMo-Run; None: <run.dir>/slurm. With tunnel=ssh,
     # a directory on the cluster.
     job_dir: Optional[str] = None
+    # The command that starts `avr` on the nodes; None: "avr" in a container, else this
+    # Python (`<python> -m avr_megatron.cli.main`, for a shared file system).
+    avr_command: Optional[str] = None
+    # Send SIGUSR1 this many seconds before the time limit (training checkpoints and exits
+    # with code 75); 0 disables it.
+    signal_seconds: int = 300
+    # A task that exits with 75 (preempted, checkpoint saved) is submitted again this many
+    # times; it resumes from its checkpoint.
+    preempt_retries: int = 3
     # Resources of one synthesis shard task (both engines run in it).
     synth: SlurmResourcesConfig = field(default_factory=SlurmResourcesConfig)
     # Resources of training tasks (one process per GPU): nodes x processes per node is the

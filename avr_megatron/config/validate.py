@@ -284,10 +284,6 @@ def _synth(cfg: AvrConfig) -> list[str]:
     return errs
 
 
-# The time formats sbatch accepts: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, UNLIMITED.
-SLURM_TIME = re.compile(r"^(\d+-\d+(:\d{2}){0,2}|\d+(:\d{2}){0,2}|UNLIMITED|INFINITE)$")
-
-
 @rule
 def _eval(cfg: AvrConfig) -> list[str]:
     """Shape of the eval section (that eval.model is set is checked by `avr eval`)."""
@@ -331,23 +327,48 @@ def _slurm_world(res) -> int:
     return res.nodes * per_node
 
 
+# Slurm --time: M:S, H:M:S, D-H, D-H:M, D-H:M:S (bare minutes are refused, see below).
+_SLURM_TIME = re.compile(r"^(\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|"
+                         r"\d+-\d+:\d{2}:\d{2})$")
+
+
 @rule
-def _slurm(cfg: AvrConfig) -> list[str]:
+def _launch_slurm(cfg: AvrConfig) -> list[str]:
     s, errs = cfg.launch.slurm, []
     errs += _choice(s.tunnel, "launch.slurm.tunnel", ("local", "ssh"))
-    if s.tunnel == "ssh" and not s.ssh_host:
-        errs.append("launch.slurm.tunnel=ssh needs launch.slurm.ssh_host")
-    for profile in ("synth", "train", "cpu"):
-        res, key = getattr(s, profile), f"launch.slurm.{profile}"
-        if res.nodes < 1:
-            errs.append(f"{key}.nodes={res.nodes} must be >= 1")
-        if res.gpus_per_node < 0:
-            errs.append(f"{key}.gpus_per_node={res.gpus_per_node} must be >= 0")
-        if res.ntasks_per_node is not None and res.ntasks_per_node < 1:
-            errs.append(f"{key}.ntasks_per_node={res.ntasks_per_node} must be >= 1 (or null)")
-        if not SLURM_TIME.match(res.time):
-            errs.append(f"{key}.time={res.time!r} is not a Slurm time (e.g. HH:MM:SS or "
-                        "D-HH:MM:SS)")
+    if s.tunnel == "ssh":
+        if not s.ssh_host:
+            errs.append("launch.slurm.tunnel=ssh needs launch.slurm.ssh_host")
+        if not s.job_dir:
+            errs.append("launch.slurm.tunnel=ssh needs launch.slurm.job_dir (a directory on the "
+                        "cluster)")
+    elif s.ssh_host or s.ssh_user or s.ssh_identity:
+        errs.append("launch.slurm.ssh_host/ssh_user/ssh_identity need launch.slurm.tunnel=ssh")
+    for name in ("synth", "train", "cpu"):
+        r, key = getattr(s, name), f"launch.slurm.{name}"
+        if str(r.time).isdigit():
+            # YAML 1.1 reads an unquoted 4:00:00 as the base-60 number 14400 (minutes to Slurm).
+            errs.append(f"{key}.time={r.time!r} is a bare number: quote the time in the recipe "
+                        f"(time: \"4:00:00\"); unquoted H:MM:SS is read as a base-60 integer")
+        elif not _SLURM_TIME.match(str(r.time)):
+            errs.append(f"{key}.time={r.time!r} is not a Slurm time (HH:MM:SS or D-HH:MM:SS)")
+        if r.nodes < 1:
+            errs.append(f"{key}.nodes={r.nodes} must be >= 1")
+        if r.gpus_per_node < 0:
+            errs.append(f"{key}.gpus_per_node={r.gpus_per_node} must be >= 0")
+        if r.ntasks_per_node is not None and r.ntasks_per_node < 1:
+            errs.append(f"{key}.ntasks_per_node={r.ntasks_per_node} must be >= 1 (or null)")
+        if r.cpus_per_task is not None and r.cpus_per_task < 1:
+            errs.append(f"{key}.cpus_per_task={r.cpus_per_task} must be >= 1 (or null)")
+    if s.signal_seconds < 0:
+        errs.append(f"launch.slurm.signal_seconds={s.signal_seconds} must be >= 0 (0: no signal)")
+    if s.preempt_retries < 0:
+        errs.append(f"launch.slurm.preempt_retries={s.preempt_retries} must be >= 0")
+    for i, mount in enumerate(s.container_mounts):
+        if ":" not in mount:
+            errs.append(f"launch.slurm.container_mounts[{i}]={mount!r} must be SRC:DST[:FLAGS]")
+    if s.container_mounts and not s.container_image:
+        errs.append("launch.slurm.container_mounts need launch.slurm.container_image")
     if errs or cfg.pipeline.executor != "slurm":
         return errs
     # Layout checks that need the world size, which launch.slurm.train fixes on Slurm.

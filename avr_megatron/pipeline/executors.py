@@ -23,6 +23,7 @@ class Executor(Protocol):
 EXECUTORS: dict[str, str] = {
     "local": "avr_megatron.pipeline.local:make_local",
     "inline": "avr_megatron.pipeline.local:make_inline",
+    "slurm": "avr_megatron.launch.slurm:make_executor",
 }
 
 

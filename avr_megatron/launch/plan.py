@@ -1,0 +1,67 @@
+"""What a recipe will do on a job of a given size, without importing torch: the parallel layout
+(TP x PP x CP x DP for the world size, with the same divisibility check training makes), where
+it reads and writes, and the batch shape. The sbatch scripts (slurm/lib/avr_job.sh) print it in
+their dry run and read run.dir from it before starting the processes.
+
+    python -m avr_megatron.launch.plan --recipe recipes/llama3_70b.yaml --world-size 64 [k=v ...]
+
+Exit code 2 with a message naming the keys when the recipe is invalid or the world size does
+not fit its layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from avr_megatron.config import AvrConfig, ConfigError, load_config
+
+
+def describe(cfg: AvrConfig, world_size: int) -> str:
+    p, t = cfg.parallel, cfg.train
+    tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                  p.context_parallel_size)
+    model_parallel = tp * pp * cp
+    if world_size < 1 or world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size={tp}"
+            f" x parallel.pipeline_model_parallel_size={pp} x parallel.context_parallel_size={cp}"
+            f" = {model_parallel}")
+    dp = world_size // model_parallel
+    ckpt = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+    lines = [
+        f"run.dir: {os.path.abspath(cfg.run.dir)}",
+        f"checkpoint.dir: {os.path.abspath(ckpt)}",
+        f"model: preset={cfg.model.preset} layers={cfg.model.num_layers} "
+        f"hidden={cfg.model.hidden_size}",
+        f"layout: world={world_size} TP={tp} PP={pp} VPP={p.virtual_pipeline_model_parallel_size}"
+        f" CP={cp} DP={dp} sequence_parallel={p.sequence_parallel}",
+        f"batch: global={t.global_batch_size} micro={t.micro_batch_size} "
+        f"seq_length={t.seq_length} train_iters={t.train_iters}",
+    ]
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m avr_megatron.launch.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", "-r", required=True)
+    ap.add_argument("--world-size", type=int, required=True,
+                    help="processes in the job (nodes x tasks per node)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args(argv)
+    try:
+        print(describe(load_config(args.recipe, args.overrides), args.world_size))
+    except ConfigError as e:
+        print(f"avr plan: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
