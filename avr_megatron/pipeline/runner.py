@@ -88,6 +88,7 @@ def run_pipeline(cfg: AvrConfig, *, start: str | None = None, stop: str | None =
         raise ConfigError(f"--executor / pipeline.executor: {e.args[0]}") from None
     if dryrun:
         for plan in plans:
+            save_config(plan.cfg, plan.config_path)  # so the printed config paths can be read
             print(f"## stage {plan.stage.name}: {plan.stage.what}  (config {plan.config_path})", file=out)
             print(ex.dryrun(stage_spec(plan, cfg.pipeline.synth_shards)), file=out)
         return 0
