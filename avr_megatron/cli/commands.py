@@ -44,6 +44,9 @@ COMMANDS: list[Command] = [
     Command(("eval",), "answers of a model on a prompt set, refined at test time for eval.rounds rounds, "
             "scored against a baseline model's answers (win rate, table, plot, AlpacaEval export)",
             "avr_megatron.evaluation.cli:run"),
+    Command(("pipeline",), "the whole AvR pipeline: synthesis, RSFT, DPO, long-thought SFT, "
+            "length-controlled DPO and evaluation, resumable stage by stage",
+            "avr_megatron.pipeline.cli:run", "avr_megatron.pipeline.cli:add_arguments"),
     Command(("convert", "hf-to-mcore"),
             "convert a Hugging Face Llama directory into a Megatron dist checkpoint",
             "avr_megatron.cli.convert:run_hf_to_mcore",

@@ -62,7 +62,7 @@ def _unknown_key_message(schema: DictConfig, full_key: str, source: str) -> str:
     return f"{source}: unknown key {full_key!r}{hint}"
 
 
-def _merge_checked(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+def merge_checked(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)
     except ConfigKeyError as e:
@@ -99,10 +99,10 @@ def load_config(recipe: str | os.PathLike | None, overrides: Iterable[str] = (),
         if preset_name not in PRESETS:
             raise ConfigError(f"key 'model.preset': unknown preset {preset_name!r}; "
                               f"known: {', '.join(sorted(PRESETS))}")
-        schema = _merge_checked(schema, OmegaConf.create({"model": PRESETS[preset_name]}),
+        schema = merge_checked(schema, OmegaConf.create({"model": PRESETS[preset_name]}),
                                 f"preset {preset_name}")
-    merged = _merge_checked(schema, raw, source)
-    merged = _merge_checked(merged, cli, "command line")
+    merged = merge_checked(schema, raw, source)
+    merged = merge_checked(merged, cli, "command line")
     try:
         cfg: AvrConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:

@@ -389,6 +389,10 @@ class SynthThoughtsConfig:
     max_tokens: int = 4096
     # `avr pairs stage2`: drop a pair whose best final answer is longer than the worst's.
     length_control: bool = True
+    # TEST MODELS ONLY. A sampled thought without a `Final answer:` gets one appended (marked
+    # in the text; its body is the sampled text) instead of being left unscored: random tiny
+    # models never write the thought layout. Counted as thought_answer_fallback in the report.
+    answer_fallback: bool = False
 
 
 @dataclass
@@ -511,12 +515,16 @@ class EvalConfig:
 class PipelineConfig:
     """`avr pipeline`: every AvR stage in order, in <run.dir>/stages/<stage>/ with a manifest."""
 
-    # Which executor runs the stages: local (NeMo-Run LocalExecutor on this machine) | slurm
+    # Which executor runs the stages: local (NeMo-Run LocalExecutor on this machine) | inline
+    # (plain subprocesses, no NeMo-Run) | slurm
     # (NeMo-Run SlurmExecutor, settings in launch.slurm). `--executor` overrides it.
     executor: str = "local"
     # Hugging Face directory of the seed policy: the base model of stage-1 trees, the initial
     # weights of RSFT, the tokenizer of every training stage and the eval baseline.
     base_model: Optional[str] = None
+    # TEST RECIPES ONLY: create random tiny policy and reward models (and their tokenizer) next
+    # to pipeline.base_model when it does not exist, so the tiny recipe needs no download.
+    make_tiny_models: bool = False
     # Synthesis fan-out: each synthesis stage runs as this many parallel shard tasks.
     synth_shards: int = 1
     # Per-stage overrides, merged onto the recipe for that stage only, in the recipe's own

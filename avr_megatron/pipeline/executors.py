@@ -21,6 +21,8 @@ class Executor(Protocol):
 
 # name -> "module:function" (imported on use, so `avr --help` stays light).
 EXECUTORS: dict[str, str] = {
+    "local": "avr_megatron.pipeline.local:make_local",
+    "inline": "avr_megatron.pipeline.local:make_inline",
     "slurm": "avr_megatron.launch.slurm:make_executor",
 }
 

@@ -104,7 +104,7 @@ def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, eng
             for c in todo:
                 chunk = items[c * size:(c + 1) * size]
                 machines = [stage.machine(item, provenance, cfg) for item in chunk]
-                counter = CriticismCounter(templates_of(cfg), s.rating_fallback)
+                counter = CriticismCounter(templates_of(cfg), s.rating_fallback, s.thoughts.answer_fallback)
 
                 def generate(requests, _counter=counter):
                     return _counter(requests, [list(texts) for texts in chat.generate(requests)])
@@ -116,6 +116,9 @@ def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, eng
                 done.add(c)
                 store.write_manifest(**manifest, done_chunks=len(done), complete=False)
                 this_run["prompts"] += len(chunk)
+                if s.thoughts.answer_fallback:
+                    this_run["thought_answer_fallback"] = (this_run.get("thought_answer_fallback", 0)
+                                                           + sum(counter.thoughts_fired.values()))
                 this_run["engine_calls"] += calls
                 bar.update(len(chunk))
                 bar.set_postfix(engine_calls=this_run["engine_calls"])
@@ -204,6 +207,9 @@ def print_report(report: dict[str, Any], file=None) -> None:
     if fb.get("enabled") or fb.get("fired"):
         rate = f"{100 * fb['rate']:.1f}%" if fb.get("rate") is not None else "n/a"
         w(f"rating_fallback fired: {fb['fired']} of {fb['criticism_samples']} criticism samples ({rate})\n")
+    fired = (report.get("this_run") or {}).get("thought_answer_fallback")
+    if fired:
+        w(f"synth.thoughts.answer_fallback gave {fired} thought(s) of this run a final answer (test models only)\n")
     gains = r.get("mean_gain_by_round") or {}
     if gains:
         w("mean reward gain per round: " + "  ".join(f"r{k}: {v:+.4f}" for k, v in gains.items()) + "\n")

@@ -15,9 +15,21 @@ from collections.abc import Sequence
 
 from avr_megatron.method.prompts import PromptTemplates
 from avr_megatron.method.ratings import extract_rating
-from avr_megatron.method.requests import GenerateRequest, key_prompt_id
+from avr_megatron.method.requests import GenerateRequest, key_prompt_id, make_key
+from avr_megatron.method.thoughts import escape, extract_final_answer
 
 MARK = "[synth.rating_fallback]"
+THOUGHT_MARK = "[synth.thoughts.answer_fallback]"
+
+
+def with_final_answer(text: str, templates: PromptTemplates) -> str | None:
+    """`synth.thoughts.answer_fallback` (test models only): a sampled thought without a final
+    answer gets one, marked, whose body is the sampled text itself; None when it has one."""
+    if extract_final_answer(text, templates) is not None:
+        return None
+    body = escape(text.strip() or "(blank)", templates)
+    return "\n".join([text.rstrip(), templates.thought_close,
+                      f"{templates.final_answer_prefix} {THOUGHT_MARK}", body])
 
 
 def fallback_rating(key: str, index: int) -> int:
@@ -27,14 +39,20 @@ def fallback_rating(key: str, index: int) -> int:
 class CriticismCounter:
     """Counts criticism samples per prompt and, when `enabled`, applies the fallback."""
 
-    def __init__(self, templates: PromptTemplates, enabled: bool) -> None:
+    def __init__(self, templates: PromptTemplates, enabled: bool, thought_fallback: bool = False) -> None:
+        self.templates = templates
         self.criticise = templates.criticise
         self.enabled = enabled
+        self.thought_fallback = thought_fallback
         self.samples: Counter[str] = Counter()
         self.fired: Counter[str] = Counter()
+        # Thoughts given a final answer by synth.thoughts.answer_fallback, per prompt.
+        self.thoughts_fired: Counter[str] = Counter()
 
     def __call__(self, requests: Sequence[GenerateRequest], outputs: list[list[str]]) -> list[list[str]]:
         for request, texts in zip(requests, outputs):
+            if self.thought_fallback:
+                self._thoughts(request, texts)
             if request.messages[-1]["content"] != self.criticise:
                 continue
             prompt_id = key_prompt_id(request.key)
@@ -46,3 +64,13 @@ class CriticismCounter:
                     texts[j] = f"{text.rstrip()}\n{MARK} Score: [[{fallback_rating(request.key, j)}]]".lstrip("\n")
                     self.fired[prompt_id] += 1
         return outputs
+
+    def _thoughts(self, request: GenerateRequest, texts: list[str]) -> None:
+        prompt_id = key_prompt_id(request.key)
+        if request.key != make_key(prompt_id, "s2", "thoughts"):
+            return
+        for j, text in enumerate(texts):
+            fixed = with_final_answer(text, self.templates)
+            if fixed is not None:
+                texts[j] = fixed
+                self.thoughts_fired[prompt_id] += 1

@@ -1,0 +1,184 @@
+"""`avr pipeline`: run the selected stages in order through an executor, skipping the ones
+that are up to date, recording everything in <run.dir>/pipeline.json."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from avr_megatron.config.errors import ConfigError
+from avr_megatron.config.loader import save_config
+from avr_megatron.config.schema import AvrConfig
+from avr_megatron.pipeline.executors import make_executor
+from avr_megatron.pipeline.graph import select
+from avr_megatron.pipeline.manifest import Manifest, fingerprint, text_fingerprint
+from avr_megatron.pipeline.spec import StageFailed, StageSpec, StageTask
+from avr_megatron.pipeline.stage_configs import StagePlan, plan_stages
+from avr_megatron.pipeline.summaries import stage_summary
+
+
+class Interrupted(Exception):
+    """SIGTERM / SIGINT reached the pipeline: the running stage is stopped and recorded."""
+
+
+def stage_spec(plan: StagePlan, shards: int) -> StageSpec:
+    argv = (*plan.stage.command, "--recipe", str(plan.config_path))
+    if plan.stage.sharded and shards > 1:
+        tasks = tuple(StageTask(f"shard-{i}-of-{shards}", (*argv, "--shard", f"{i}/{shards}"))
+                      for i in range(shards))
+    else:
+        tasks = (StageTask("main", argv, distributed=plan.stage.distributed),)
+    return StageSpec(plan.stage.name, tasks, plan.stage.resources, plan.dir / "logs")
+
+
+def ensure_tiny_models(cfg: AvrConfig) -> None:
+    """pipeline.make_tiny_models: random tiny policy + reward models for CPU test recipes,
+    made once next to pipeline.base_model (the tiny recipe's ${run.dir}/models)."""
+    base = Path(cfg.pipeline.base_model)
+    if base.exists():
+        return
+    from avr_megatron.testing.tiny_hf import make_tiny_llama, make_tiny_reward_model, train_tiny_tokenizer
+
+    models = base.parent
+    tmp = models / ".tmp-tiny-models"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = train_tiny_tokenizer(tmp / "tokenizer")
+    made = {base.name: make_tiny_llama(tmp / base.name, tok)}
+    reward = Path(cfg.synth.reward.model) if cfg.synth.reward.model else None
+    if reward is not None and reward.parent == models and not reward.exists():
+        made[reward.name] = make_tiny_reward_model(tmp / reward.name, tok)
+    for name in made:
+        (tmp / name).rename(models / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"avr pipeline: made random tiny models {sorted(made)} in {models}")
+
+
+def _check_models(cfg: AvrConfig) -> None:
+    if cfg.pipeline.make_tiny_models:
+        ensure_tiny_models(cfg)
+    missing = [f"{key}={path}" for key, path in (("pipeline.base_model", cfg.pipeline.base_model),
+                                                 ("synth.reward.model", cfg.synth.reward.model))
+               if cfg.synth.reward.backend != "server" or key != "synth.reward.model"
+               if path and not Path(path).exists()]
+    if missing:
+        raise ConfigError(f"not found: {', '.join(missing)} (an HF model directory)")
+
+
+def _raise_interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_pipeline(cfg: AvrConfig, *, start: str | None = None, stop: str | None = None,
+                 only: str | None = None, executor: str | None = None, dryrun: bool = False,
+                 force: bool = False, out=sys.stdout) -> int:
+    try:
+        selected = select(start, stop, only)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    plans = plan_stages(cfg, selected)
+    root = Path(cfg.run.dir).resolve()
+    name = executor or cfg.pipeline.executor
+    try:
+        ex = make_executor(name, cfg)
+    except KeyError as e:
+        raise ConfigError(f"--executor / pipeline.executor: {e.args[0]}") from None
+    if dryrun:
+        for plan in plans:
+            save_config(plan.cfg, plan.config_path)  # so the printed config paths can be read
+            print(f"## stage {plan.stage.name}: {plan.stage.what}  (config {plan.config_path})", file=out)
+            print(ex.dryrun(stage_spec(plan, cfg.pipeline.synth_shards)), file=out)
+        return 0
+    _check_models(cfg)
+    manifest = Manifest(root / "pipeline.json")
+    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
+    try:
+        for i, plan in enumerate(plans, 1):
+            code = _run_one(plan, ex, manifest, root, cfg, f"[{i}/{len(plans)}]", out, force)
+            if code:
+                break
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    print_report(plans, manifest, root, out)
+    return code
+
+
+def _run_one(plan: StagePlan, ex: Any, manifest: Manifest, root: Path, cfg: AvrConfig,
+             counter: str, out, force: bool = False) -> int:
+    name = plan.stage.name
+    save_config(plan.cfg, plan.config_path)
+    config_fp = text_fingerprint(plan.config_path.read_text())
+    inputs = {str(p): fingerprint(p) for p in plan.inputs}
+    current, reason = manifest.is_current(name, config_fp, inputs, list(plan.outputs))
+    if force:
+        reason = "--force"
+    elif current:
+        print(f"{counter} {name}: up to date, skipped", file=out)
+        return 0
+    print(f"{counter} {name}: {plan.stage.what} ({reason}; logs in {plan.dir / 'logs'})",
+          file=out, flush=True)
+    if plan.export is not None and plan.export.exists():
+        shutil.rmtree(plan.export)  # a stale export of an earlier, unfinished run
+    previous = manifest.entry(name)
+    resumable = (previous.get("status") in ("running", "interrupted", "failed")
+                 and previous.get("config_fingerprint") == config_fp and previous.get("inputs") == inputs)
+    if previous and not resumable:
+        start_fresh(plan)
+    manifest.start(name, config_fp, inputs)
+    t0 = time.time()
+    try:
+        ex.run_stage(stage_spec(plan, cfg.pipeline.synth_shards))
+    except StageFailed as e:
+        manifest.finish(name, "failed", error=str(e))
+        print(f"avr pipeline: {e}", file=sys.stderr)
+        print(f"rerun the same command to resume from {name}", file=sys.stderr)
+        return 1
+    except (Interrupted, KeyboardInterrupt) as e:
+        manifest.finish(name, "interrupted")
+        print(f"avr pipeline: interrupted ({e or 'SIGINT'}) during {name}; rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+    outputs = {str(p): fingerprint(p) for p in plan.outputs}
+    manifest.finish(name, "done", outputs, stage_summary(plan, root))
+    print(f"{counter} {name}: done in {time.time() - t0:.0f} s", file=out, flush=True)
+    return 0
+
+
+def start_fresh(plan: StagePlan) -> None:
+    """A stage whose config or inputs changed starts over: its checkpoints, metrics and outputs
+    from the earlier run are removed (its logs and stage.yaml stay), so nothing resumes from
+    weights or shards that belong to other settings."""
+    for child in plan.dir.iterdir() if plan.dir.exists() else ():
+        if child.name not in ("logs", "stage.yaml"):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for out in plan.outputs:
+        # The directory that owns an output: a synthesis store, a log-prob store, eval answers.
+        owner = out.parent if out.name in ("data", "logps.parquet", "answers") else out
+        if owner.is_dir():
+            shutil.rmtree(owner)
+        elif owner.exists():
+            owner.unlink()
+
+
+def print_report(plans: list[StagePlan], manifest: Manifest, root: Path, out) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"avr pipeline: {root}")
+    for col in ("stage", "status", "seconds", "produced", "outputs"):
+        table.add_column(col)
+    for plan in plans:
+        e = manifest.entry(plan.stage.name)
+        summary = ", ".join(f"{k} {v}" for k, v in (e.get("summary") or {}).items())
+        outputs = "\n".join(str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p
+                            for p in plan.outputs)
+        table.add_row(plan.stage.name, e.get("status", "not run"), str(e.get("seconds", "")),
+                      summary, outputs)
+    Console(file=out, width=160).print(table)
+    print(f"run directory {root}: manifest pipeline.json, stage configs and logs in stages/, "
+          f"models in models/, datasets in data/, synthesis in synth/", file=out)

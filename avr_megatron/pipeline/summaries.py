@@ -1,0 +1,63 @@
+"""The few figures the final table shows for each finished stage, read from what the stage's
+command wrote (synthesis/pairs summary.json, train_summary.json, eval results.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from avr_megatron.pipeline.stage_configs import SYNTH_OUT, StagePlan
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def stage_summary(plan: StagePlan, root: Path) -> dict[str, Any]:
+    name, cmd = plan.stage.name, plan.stage.command
+    if cmd[0] == "synth":
+        s = _json(root / SYNTH_OUT[name] / "summary.json").get("summary", {})
+        out = {"prompts": s.get("prompts"), "trees": s.get("trees") or None,
+               "thoughts": (s.get("events") or {}).get("thoughts_sampled")}
+        gains = {r: s["gain_sum"][r] / c for r, c in s.get("gain_count", {}).items() if c}
+        if gains:
+            out["mean_gain_round1"] = round(gains.get("1", 0.0), 4)
+        return {k: v for k, v in out.items() if v is not None}
+    if cmd[0] == "pairs":
+        data = Path(plan.cfg.synth.data_dir) / cmd[1]
+        outputs = _json(data / "summary.json").get("outputs", {})
+        return {f"{k}_rows": v.get("rows") for k, v in outputs.items()}
+    if cmd[0] == "train":
+        s = _json(Path(plan.cfg.run.dir) / "train_summary.json")
+        last = s.get("last", {})
+        out = {"iterations": s.get("iteration"), "loss": last.get("loss"),
+               "accuracy": last.get("rewards/accuracies")}
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items() if v is not None}
+    if cmd[0] == "logps":
+        ref = Path(str(plan.cfg.data.train) + ".ref_logps")
+        try:
+            import pyarrow.parquet as pq
+
+            return {"pairs": pq.read_metadata(ref / "logps.parquet").num_rows}
+        except (OSError, ImportError):
+            return {}
+    if cmd[0] == "eval":
+        r = _json(Path(plan.cfg.eval.output_dir or Path(plan.cfg.run.dir) / "eval") / "results.json")
+        table = r.get("table") or []
+        if not table:
+            return {}
+        first, last = table[0], table[-1]
+
+        def figure(row: dict, key: str, field: str):
+            value = (row.get(key) or {}).get(field)
+            return round(value, 4) if isinstance(value, float) else value
+
+        return {"rounds": last.get("round"),
+                "reward_r0": figure(first, "mean_reward", "mean"),
+                f"reward_r{last.get('round')}": figure(last, "mean_reward", "mean"),
+                "win_rate": figure(last, "win_rate", "rate"), "malformed": last.get("malformed")}
+    return {}

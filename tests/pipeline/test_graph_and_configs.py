@@ -1,0 +1,97 @@
+"""Stage graph, per-stage configs and the manifest's skip logic: no processes, milliseconds."""
+
+from pathlib import Path
+
+import pytest
+
+from avr_megatron.config import ConfigError, load_config
+from avr_megatron.pipeline.graph import STAGE_NAMES, select
+from avr_megatron.pipeline.manifest import Manifest
+from avr_megatron.pipeline.runner import stage_spec
+from avr_megatron.pipeline.stage_configs import plan_stages
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "recipes" / "tiny.yaml"
+
+
+def test_stage_order_follows_the_method():
+    assert STAGE_NAMES[0] == "stage1_trees_base" and STAGE_NAMES[-1] == "eval"
+    order = {n: i for i, n in enumerate(STAGE_NAMES)}
+    for before, after in [("rsft", "stage1_trees"), ("stage1_ref_logps", "stage1_dpo"),
+                          ("stage1_dpo", "stage2_search"), ("thought_sft", "stage2_thoughts"),
+                          ("stage2_pairs", "lcdpo_ref_logps"), ("lcdpo", "eval")]:
+        assert order[before] < order[after]
+
+
+def test_select_partial_runs():
+    assert [s.name for s in select(only="rsft")] == ["rsft"]
+    assert [s.name for s in select(start="lcdpo")] == ["lcdpo", "eval"]
+    assert [s.name for s in select(stop="stage1_pairs_base")] == ["stage1_trees_base", "stage1_pairs_base"]
+    with pytest.raises(ValueError, match="--from 'nope' is not a pipeline stage"):
+        select(start="nope")
+    with pytest.raises(ValueError, match="--only cannot be combined"):
+        select(start="rsft", only="rsft")
+
+
+def test_stage_configs_are_wired_and_overridden(tmp_path):
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "pipeline.stages.rsft.optimizer.lr=0.5"])
+    plans = {p.stage.name: p for p in plan_stages(cfg)}
+    assert len(plans) == len(STAGE_NAMES)
+    base = str(tmp_path / "models" / "tiny-policy")
+    rsft = plans["rsft"].cfg
+    assert rsft.model.init_from.hf == base and rsft.data.tokenizer == base
+    assert rsft.data.train == str(tmp_path / "data" / "base" / "stage1" / "sft")
+    assert rsft.checkpoint.export_hf == str(tmp_path / "models" / "rsft")
+    assert rsft.optimizer.lr == 0.5 and plans["stage1_dpo"].cfg.optimizer.lr != 0.5
+    assert rsft.run.dir == str(tmp_path / "stages" / "rsft")
+    # On-policy trees use the RSFT export; DPO and its reference log-probs agree on data and model.
+    assert plans["stage1_trees"].cfg.synth.policy.model == str(tmp_path / "models" / "rsft")
+    logps, dpo = plans["stage1_ref_logps"].cfg, plans["stage1_dpo"].cfg
+    assert logps.data.train == dpo.data.train and logps.model.init_from.hf == dpo.model.init_from.hf
+    assert logps.train.seq_length == dpo.train.seq_length
+    assert plans["stage2_thoughts"].cfg.synth.output_dir == plans["stage2_search"].cfg.synth.output_dir
+    ev = plans["eval"].cfg.eval
+    assert ev.model == str(tmp_path / "models" / "lcdpo") and ev.baseline_model == base and ev.long_thought
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pipeline.stages.rsft_typo.train.train_iters=3", "unknown stage"),
+    ("pipeline.stages.rsft.train.no_such_key=3", "no_such_key"),
+    ("pipeline.stages.lcdpo.parallel.tensor_model_parallel_size=3", "stage lcdpo"),
+])
+def test_bad_stage_overrides_fail_before_anything_runs(tmp_path, override, message):
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", override])
+    with pytest.raises(ConfigError, match=message):
+        plan_stages(cfg)
+    assert not (tmp_path / "stages").exists()
+
+
+def test_missing_base_model_is_named(tmp_path):
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "pipeline.base_model=null"])
+    with pytest.raises(ConfigError, match="pipeline.base_model"):
+        plan_stages(cfg)
+
+
+def test_synthesis_fans_out_over_shards(tmp_path):
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "pipeline.synth_shards=3"])
+    plans = {p.stage.name: p for p in plan_stages(cfg)}
+    spec = stage_spec(plans["stage2_search"], 3)
+    assert [t.argv[-1] for t in spec.tasks] == ["0/3", "1/3", "2/3"] and spec.resources == "synth"
+    train = stage_spec(plans["rsft"], 3)
+    assert len(train.tasks) == 1 and train.tasks[0].distributed and train.resources == "train"
+
+
+def test_manifest_skip_logic(tmp_path):
+    out = tmp_path / "out.txt"
+    m = Manifest(tmp_path / "pipeline.json")
+    assert m.is_current("s", "c1", {"a": "x"}, [out]) == (False, "last status never run")
+    m.start("s", "c1", {"a": "x"})
+    m.finish("s", "done", {str(out): "f"}, {"rows": 3})
+    assert m.is_current("s", "c1", {"a": "x"}, [out])[1].startswith("outputs missing")
+    out.write_text("done")
+    reloaded = Manifest(tmp_path / "pipeline.json")
+    assert reloaded.is_current("s", "c1", {"a": "x"}, [out]) == (True, "up to date")
+    assert reloaded.is_current("s", "c2", {"a": "x"}, [out]) == (False, "its config changed")
+    assert reloaded.is_current("s", "c1", {"a": "y"}, [out]) == (False, "inputs changed: a")
+    m.start("s", "c1", {"a": "x"})  # a rerun that is interrupted is not current
+    assert not Manifest(tmp_path / "pipeline.json").is_current("s", "c1", {"a": "x"}, [out])[0]

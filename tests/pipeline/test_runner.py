@@ -1,0 +1,75 @@
+"""The runner's decisions with a fake executor (no processes): skip when up to date, resume an
+interrupted stage in place, start a changed stage fresh, stop on a failed one."""
+
+import io
+from pathlib import Path
+
+import pytest
+
+from avr_megatron.config import load_config
+from avr_megatron.pipeline import runner
+from avr_megatron.pipeline.manifest import Manifest
+from avr_megatron.pipeline.spec import StageFailed
+
+TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
+STAGE = "stage1_pairs_base"
+CALLS: list[str] = []
+FAIL: list[bool] = []
+
+
+class FakeExecutor:
+    """Writes what `avr pairs stage1` would (one file per output dataset), or fails."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def run_stage(self, spec):
+        CALLS.append(spec.name)
+        if FAIL:
+            raise StageFailed(spec.name, "main", 2, "boom: bad record")
+        root = Path(self.cfg.run.dir) / "data" / "base" / "stage1"
+        for d in ("sft", "preference"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+            (root / d / "train.parquet").write_text(f"{d} {self.cfg.synth.output_format}")
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "make_executor", lambda name, cfg: FakeExecutor(cfg))
+    base = tmp_path / "base"
+    base.mkdir()
+    CALLS.clear()
+    FAIL.clear()
+
+    def go(*overrides):
+        cfg = load_config(TINY, [f"run.dir={tmp_path}", f"pipeline.base_model={base}",
+                                 f"synth.reward.model={base}", "pipeline.make_tiny_models=false",
+                                 *overrides])
+        out = io.StringIO()
+        code = runner.run_pipeline(cfg, only=STAGE, executor="fake", out=out)
+        return code, out.getvalue(), Manifest(tmp_path / "pipeline.json").entry(STAGE)
+
+    return go, tmp_path
+
+
+def test_skip_resume_fresh_and_failure(run):
+    go, root = run
+    code, out, entry = go()
+    assert code == 0 and CALLS == [STAGE] and entry["status"] == "done"
+    assert set(entry["outputs"]) == {str(root / "data/base/stage1/sft"), str(root / "data/base/stage1/preference")}
+
+    code, out, _ = go()
+    assert code == 0 and CALLS == [STAGE] and "up to date, skipped" in out
+
+    marker = root / "stages" / STAGE / "leftover-from-last-run"
+    marker.write_text("x")
+    FAIL.append(True)  # a changed config: starts fresh, then fails
+    code, out, entry = go("synth.output_format=jsonl")
+    assert code == 1 and entry["status"] == "failed" and "boom" in entry["error"]
+    assert not marker.exists() and not (root / "data/base/stage1/sft").exists()
+
+    marker.write_text("x")
+    FAIL.clear()  # same config after a failure: resumes in place
+    code, out, entry = go("synth.output_format=jsonl")
+    assert code == 0 and entry["status"] == "done" and marker.exists()
+    assert (root / "data/base/stage1/sft/train.parquet").read_text() == "sft jsonl"
