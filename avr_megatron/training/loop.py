@@ -92,8 +92,14 @@ class Trainer:
         self.extra_summary = extra_summary or {}
         t = cfg.train
         self.bins_per_microbatch = t.micro_batch_size
-        self.sampler = StepSampler(data.plan.num_bins, t.global_batch_size, cfg.run.seed,
-                                   cfg.data.shuffle)
+        try:
+            self.sampler = StepSampler(data.plan.num_bins, t.global_batch_size, cfg.run.seed,
+                                       cfg.data.shuffle)
+        except ValueError as e:  # too little data for one step: a data problem, named as such
+            from avr_megatron.data.records import DataError
+
+            raise DataError(f"data.train={cfg.data.train}: {e}; add data or lower "
+                            "train.global_batch_size") from None
         self.train_iters = (cfg.data.num_epochs * self.sampler.steps_per_epoch
                             if cfg.data.num_epochs else t.train_iters)
         self.ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run.dir) / "checkpoints")

@@ -3,6 +3,7 @@ naming the key, file, record or field, on bad recipes and data (in-process: no p
 started and nothing heavy is imported)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,15 @@ def test_reward_gap_loss_needs_gaps(tmp_path, tok, capsys):
                      f"data.tokenizer={tok}", "loss.reward_gap=margin")
     assert code == 2
     assert "line 1 (id 'a'): loss.reward_gap=margin needs a reward gap" in err
+
+
+def test_too_little_data_for_one_step_is_a_data_error(tmp_path, tok, capsys):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "q"},
+                                                        {"role": "assistant", "content": "a"}]}) + "\n")
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml")
+    code, err = _run(capsys, "train", "sft", "--recipe", recipe,
+                     f"run.dir={tmp_path / 'run'}", f"data.train={data}", f"data.tokenizer={tok}",
+                     "train.global_batch_size=4", "train.micro_batch_size=2")
+    assert code == 2
+    assert f"data.train={data}: the data fill 1 bins, fewer than one global batch" in err
