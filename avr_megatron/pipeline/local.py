@@ -4,8 +4,8 @@
 Experiment per stage (records under <run.dir>/nemo_run); `inline` runs the same command lines
 as plain subprocesses, for environments without NeMo-Run. Both write each task's output to
 <stage>/logs/<task>.log, run the tasks of a stage in parallel, and raise StageFailed with the
-log tail when one fails. Distributed tasks go through torchrun with one process per rank of the
-stage's layout (parallel sizes x pipeline... = the recipe's world size; 1 on CPU recipes).
+log tail when one fails. Distributed tasks with more than one rank go through torchrun with
+TP x PP x CP processes (one model replica on this machine; 1 on the CPU recipes).
 Each task records the process group it runs in, so an interrupted pipeline (SIGINT/SIGTERM)
 stops them, and a rerun after a hard kill stops leftovers before starting the stage again.
 """

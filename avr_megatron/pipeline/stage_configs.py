@@ -104,8 +104,8 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> tuple[dict[str, Any], l
         inputs += [train, model]
         if stage.command == ("logps",):
             outputs.append(Path(str(train) + ".ref_logps") / "logps.parquet")
-        else:
-            w["loss"] = {"reference": "precomputed"} if stage.command == ("train", "dpo") else {}
+        if stage.command == ("train", "dpo"):
+            w["loss"] = {"reference": "precomputed"}  # from the *_ref_logps stage before it
     if stage.exports_model:
         w.setdefault("checkpoint", {})["export_hf"] = str(model_dir(cfg, name))
         outputs.append(model_dir(cfg, name))
@@ -113,8 +113,6 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> tuple[dict[str, Any], l
         w["eval"] = {"model": str(model), "baseline_model": str(base), "long_thought": True}
         inputs += [model, base]
         outputs.append(root / "stages" / "eval" / "eval" / "answers")
-    if not w.get("loss"):
-        w.pop("loss", None)
     return w, inputs, outputs
 
 
