@@ -15,6 +15,7 @@ from avr_megatron.config.loader import save_config
 from avr_megatron.config.schema import AvrConfig
 from avr_megatron.pipeline.executors import make_executor
 from avr_megatron.pipeline.graph import select
+from avr_megatron.pipeline.local import stop_leftovers
 from avr_megatron.pipeline.manifest import Manifest, fingerprint, text_fingerprint
 from avr_megatron.pipeline.spec import StageFailed, StageSpec, StageTask
 from avr_megatron.pipeline.stage_configs import StagePlan, plan_stages
@@ -122,6 +123,9 @@ def _run_one(plan: StagePlan, ex: Any, manifest: Manifest, root: Path, cfg: AvrC
         return 0
     print(f"{counter} {name}: {plan.stage.what} ({reason}; logs in {plan.dir / 'logs'})",
           file=out, flush=True)
+    # Processes a hard-killed earlier run left behind would keep writing (even exporting) while
+    # this run cleans up: stop them first.
+    stop_leftovers(plan.dir / "logs")
     if plan.export is not None and plan.export.exists():
         shutil.rmtree(plan.export)  # a stale export of an earlier, unfinished run
     previous = manifest.entry(name)
