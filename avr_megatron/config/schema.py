@@ -459,16 +459,6 @@ class SynthConfig:
 
 
 @dataclass
-class EvalSamplingConfig:
-    # Sampling temperature (the reference: 0.7); 0 is greedy decoding.
-    temperature: float = 0.7
-    # Nucleus sampling mass (the reference: 0.8).
-    top_p: float = 0.8
-    # Long-thought models need room for the whole thought before `Final answer:`.
-    max_tokens: int = 2048
-
-
-@dataclass
 class EvalConfig:
     """`avr eval`: answers of a model on a prompt set, scored against a baseline model's answers
     with the reward model (synth.reward), optionally refined at test time."""
@@ -491,7 +481,8 @@ class EvalConfig:
     output_dir: Optional[str] = None
     # Sampling of every eval generation (answers, criticisms, improvements, baseline answers);
     # per-request seeds derive from run.seed and each request's key, so reruns reproduce.
-    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    # Long-thought models need max_tokens room for the whole thought before `Final answer:`.
+    sampling: SynthSamplingConfig = field(default_factory=SynthSamplingConfig)
     # Samples per slot while a generated text is blank (a blank answer cannot be scored); a
     # prompt still blank after that has no answer in that round (counted; a loss in win rates).
     max_answer_tries: int = 3
