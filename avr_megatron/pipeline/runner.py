@@ -61,12 +61,10 @@ def ensure_tiny_models(cfg: AvrConfig) -> None:
 def _check_models(cfg: AvrConfig) -> None:
     if cfg.pipeline.make_tiny_models:
         ensure_tiny_models(cfg)
-    missing = [f"{key}={path}" for key, path in (("pipeline.base_model", cfg.pipeline.base_model),
-                                                 ("synth.reward.model", cfg.synth.reward.model))
-               if cfg.synth.reward.backend != "server" or key != "synth.reward.model"
-               if path and not Path(path).exists()]
-    if missing:
-        raise ConfigError(f"not found: {', '.join(missing)} (an HF model directory)")
+    # The base model initialises RSFT through the HF converter: it must be a local directory.
+    if not Path(cfg.pipeline.base_model).is_dir():
+        raise ConfigError(f"pipeline.base_model={cfg.pipeline.base_model}: not found (the HF "
+                          "directory of the seed policy)")
 
 
 def _raise_interrupt(signum, frame):

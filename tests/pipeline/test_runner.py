@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from avr_megatron.config import load_config
+from avr_megatron.config import ConfigError, load_config
 from avr_megatron.pipeline import runner
 from avr_megatron.pipeline.manifest import Manifest
 from avr_megatron.pipeline.spec import StageFailed
@@ -41,12 +41,12 @@ def run(tmp_path, monkeypatch):
     CALLS.clear()
     FAIL.clear()
 
-    def go(*overrides):
+    def go(*overrides, force=False):
         cfg = load_config(TINY, [f"run.dir={tmp_path}", f"pipeline.base_model={base}",
                                  f"synth.reward.model={base}", "pipeline.make_tiny_models=false",
                                  *overrides])
         out = io.StringIO()
-        code = runner.run_pipeline(cfg, only=STAGE, executor="fake", out=out)
+        code = runner.run_pipeline(cfg, only=STAGE, executor="fake", out=out, force=force)
         return code, out.getvalue(), Manifest(tmp_path / "pipeline.json").entry(STAGE)
 
     return go, tmp_path
@@ -73,3 +73,19 @@ def test_skip_resume_fresh_and_failure(run):
     code, out, entry = go("synth.output_format=jsonl")
     assert code == 0 and entry["status"] == "done" and marker.exists()
     assert (root / "data/base/stage1/sft/train.parquet").read_text() == "sft jsonl"
+
+
+def test_force_redoes_a_finished_stage_from_scratch(run):
+    go, root = run
+    assert go()[0] == 0
+    marker = root / "stages" / STAGE / "leftover-from-last-run"
+    marker.write_text("x")
+    code, out, entry = go(force=True)
+    assert code == 0 and CALLS == [STAGE, STAGE] and "--force" in out and not marker.exists()
+
+
+def test_missing_base_model_stops_before_any_stage(run, tmp_path):
+    go, root = run
+    with pytest.raises(ConfigError, match="pipeline.base_model=.*not found"):
+        go(f"pipeline.base_model={tmp_path / 'nowhere'}")
+    assert CALLS == []
