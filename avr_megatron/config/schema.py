@@ -263,7 +263,7 @@ class CheckpointConfig:
 class LoggingConfig:
     # TensorBoard event files under <run.dir>/tensorboard.
     tensorboard: bool = True
-    # Weights & Biases (needs the wandb package); None disables it.
+    # Weights & Biases project (needs the `wandb` extra); None disables it.
     wandb_project: Optional[str] = None
     # Weights & Biases team or user; None: your default entity.
     wandb_entity: Optional[str] = None

@@ -76,17 +76,27 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def _new_run_id() -> str:
+    """A W&B run id: 8 random base-36 characters, W&B's own format (wandb 0.31 no longer
+    exports wandb.util.generate_id)."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 def _start_wandb(cfg: AvrConfig):
     try:
         import wandb
     except ImportError:
         raise ConfigError("logging.wandb_project is set but the wandb package is not installed "
-                          "(pip install wandb), or unset logging.wandb_project") from None
+                          "(pip install 'avr-megatron[wandb]'), or unset "
+                          "logging.wandb_project") from None
     from omegaconf import OmegaConf
 
     run_dir = Path(cfg.run.dir)
     id_file = run_dir / "wandb_run_id"  # a resumed run continues the same W&B run
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else _new_run_id()
     id_file.write_text(run_id)
     return wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
                       name=cfg.run.name, id=run_id, resume="allow", dir=str(run_dir),

@@ -41,8 +41,7 @@ def test_wandb_stand_in(tmp_path, monkeypatch):
         def finish(self):
             calls.append(("finish",))
 
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or Run(),
-                                 util=types.SimpleNamespace(generate_id=lambda: "abc123"))
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or Run())
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = load_config(None, [f"run.dir={tmp_path}", "logging.wandb_project=avr",
                              "logging.tensorboard=false"])
@@ -50,15 +49,34 @@ def test_wandb_stand_in(tmp_path, monkeypatch):
     log.log(1, {"loss": 0.5, "note": "text", "nan": float("nan")})
     log.close({"iteration": 1})
     init = calls[0][1]
-    assert init["project"] == "avr" and init["id"] == "abc123" and init["resume"] == "allow"
+    assert init["project"] == "avr" and init["resume"] == "allow"
+    assert len(init["id"]) == 8 and init["id"].isalnum() and init["id"].islower()
     assert init["config"]["loss"]["beta"] == 0.1
     assert calls[1] == ("log", 1, {"train/loss": 0.5})
-    assert (tmp_path / "wandb_run_id").read_text() == "abc123"
+    assert (tmp_path / "wandb_run_id").read_text() == init["id"]
+    MetricsLog(cfg, 1, enabled=True).close()  # a resumed run continues the same W&B run
+    assert calls[-2][1]["id"] == init["id"]
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     from avr_megatron.config import ConfigError
 
     with pytest.raises(ConfigError, match="wandb package is not installed"):
         MetricsLog(cfg, 0, enabled=True)
+
+
+def test_real_wandb_offline(tmp_path, monkeypatch):
+    """The real package (the `wandb` extra), offline: init, log, summary, resume."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config(None, [f"run.dir={tmp_path}", "logging.wandb_project=avr",
+                             "logging.tensorboard=false"])
+    log = MetricsLog(cfg, 0, enabled=True)
+    log.log(1, {"loss": 0.5, "grad_norm": None})
+    log.close({"iteration": 1, "loss": 0.5})
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    MetricsLog(cfg, 1, enabled=True).close()
+    assert (tmp_path / "wandb_run_id").read_text() == run_id
 
 
 def test_flops_and_peak():
