@@ -248,17 +248,28 @@ def _synth(cfg: AvrConfig) -> list[str]:
             errs.append(f"{key}.timeout_s={e.timeout_s} must be > 0")
         if e.base_url is not None and not e.base_url.startswith(("http://", "https://")):
             errs.append(f"{key}.base_url={e.base_url!r} must start with http:// or https://")
+        if e.backend in ("vllm", "server"):
+            from avr_megatron.engines.engine_args import check, names_from_source
+
+            errs += check(e.engine_args, key, names_from_source())
+    if s.policy.backend == s.reward.backend == "vllm":
+        share = s.policy.gpu_memory_utilization + s.reward.gpu_memory_utilization
+        if share > 1:
+            errs.append(f"synth.policy.gpu_memory_utilization + synth.reward.gpu_memory_utilization = {share:.3g} > 1: "
+                        "both vLLM engines share the GPUs")
     errs += _choice(s.input.format, "synth.input.format", ("auto", "jsonl", "parquet", "disk", "hub"))
     if s.input.limit is not None and s.input.limit < 1:
         errs.append(f"synth.input.limit={s.input.limit} must be >= 1 (or null)")
     errs += _choice(s.output_format, "synth.output_format", ("parquet", "jsonl"))
+    errs += _choice(s.scheduling, "synth.scheduling", ("auto", "async", "barrier"))
     for key, value in (("synth.stage1.k", s.stage1.k), ("synth.stage1.m", s.stage1.m),
                        ("synth.stage2.k", s.stage2.k), ("synth.stage2.m", s.stage2.m),
                        ("synth.stage2.max_rounds", s.stage2.max_rounds),
                        ("synth.stage2.beam_width", s.stage2.beam_width),
                        ("synth.thoughts.num_samples", s.thoughts.num_samples),
                        ("synth.max_rating_tries", s.max_rating_tries),
-                       ("synth.max_answer_tries", s.max_answer_tries), ("synth.chunk_size", s.chunk_size)):
+                       ("synth.max_answer_tries", s.max_answer_tries), ("synth.chunk_size", s.chunk_size),
+                       ("synth.chunks_in_flight", s.chunks_in_flight)):
         if value < 1:
             errs.append(f"{key}={value} must be >= 1")
     if s.thoughts.num_samples == 1:
