@@ -61,8 +61,11 @@ def _start(model: str, kwargs: dict[str, Any]) -> tuple[_LoopThread, Any]:
 
 
 def _close(loop: _LoopThread, engine: Any) -> None:
-    try:
+    async def stop():  # in the loop's thread: shutdown cancels the engine's asyncio tasks
         engine.shutdown()
+
+    try:
+        loop.submit(stop()).result(timeout=300)
     finally:
         loop.close()
 
