@@ -49,6 +49,13 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -91,5 +98,5 @@ def test_kill9_of_the_trainer_leaves_no_process(tmp_path, toy):
             proc.kill()
             proc.wait(timeout=30)
         for p in tree | _children(proc.pid):
-            if _alive(p):
+            if _alive(p) and "multiprocessing" in _cmdline(p):  # ours, not a recycled pid
                 os.kill(p, signal.SIGKILL)
