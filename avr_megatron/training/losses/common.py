@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from avr_megatron.data.batches import PackedBatch, model_inputs
+from avr_megatron.runtime.device import device
 from avr_megatron.training.logprobs import sequence_sums, token_logprobs
 
 
@@ -13,8 +14,7 @@ def packed_forward(model, batch: PackedBatch, *, use_te: bool, bf16: bool):
     """Run one packed microbatch through a model chunk. Returns vocab-parallel logits on the
     last pipeline stage (kept in the model's dtype: no fp32 copy of the logits), hidden states
     elsewhere."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else None
-    kwargs = model_inputs(batch, use_te, device)
+    kwargs = model_inputs(batch, use_te, device())
     if bf16:  # Float16Module would otherwise upcast the whole logits tensor to fp32
         kwargs["fp32_output"] = False
     return model(**kwargs)
