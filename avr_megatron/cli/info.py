@@ -20,7 +20,10 @@ def _version(dist: str) -> str | None:
 def collect() -> dict:
     import torch
 
-    from avr_megatron.models.llama import transformer_engine_status
+    from avr_megatron.models.llama import (
+        grad_accumulation_fusion_available,
+        transformer_engine_status,
+    )
 
     cuda = torch.cuda.is_available()
     te_ok, te_reason = transformer_engine_status()
@@ -42,6 +45,7 @@ def collect() -> dict:
             "layer_spec": "transformer_engine" if te_ok else "local",
             "transformer_engine": te_reason,
             "fp8": fp8_ok, "fp8_detail": fp8_reason,
+            "gradient_accumulation_fusion": grad_accumulation_fusion_available(),
             "distributed_backend": "nccl" if cuda else "gloo",
             "cpu_compat_layer": "inactive (CUDA present)" if cuda
             else "active when a model is built (avr_megatron/runtime/cpu_compat.py)",
