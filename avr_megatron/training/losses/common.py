@@ -3,6 +3,8 @@ from the last pipeline stage's vocab-parallel logits."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from avr_megatron.data.batches import PackedBatch, model_inputs
@@ -21,15 +23,16 @@ def packed_forward(model, batch: PackedBatch, *, use_te: bool, bf16: bool):
 
 
 def metric(total, count) -> torch.Tensor:
-    """A metric reported as [sum, count]; the loop sums both over microbatches and data-parallel
-    ranks, then divides, so means are over the whole global batch."""
+    """A mean metric reported as [sum, count]; the loop sums both over microbatches and
+    data-parallel ranks, then divides, so means are over the whole global batch (a mean over
+    no observations is NaN)."""
     total = torch.as_tensor(total).detach().double().reshape(())
     return torch.stack([total, torch.as_tensor(count, dtype=torch.float64, device=total.device)])
 
 
 def total(value) -> torch.Tensor:
-    """A metric summed over the global batch (count 0 marks a total, not a mean)."""
-    return metric(value, 0)
+    """A metric summed over the global batch (a NaN count marks a total, not a mean)."""
+    return metric(value, math.nan)
 
 
 class SequenceLogprobs:
