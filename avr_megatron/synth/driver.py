@@ -18,6 +18,7 @@ from typing import Any
 
 from avr_megatron.config.errors import ConfigError
 from avr_megatron.config.schema import AvrConfig
+from avr_megatron.config.validate import check_stage2_start
 from avr_megatron.method.frontier import run_frontier
 from avr_megatron.method.summary import RunSummary
 from avr_megatron.method.tree import Provenance
@@ -40,8 +41,15 @@ def stage_dir(cfg: AvrConfig, kind: str) -> Path:
 def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
     """This shard's work items, the invalid source records, and a description of the input."""
     if kind in ("stage1", "stage2"):
+        if kind == "stage2":
+            check_stage2_start(cfg)  # before reading the input or loading a model
         loaded = load_prompts(cfg.synth.input, shard)
-        items = [WorkItem(r.row, r.prompt_id, r.x, r.y0, r.sft) for r in loaded.records]
+        if kind == "stage1":
+            items = [WorkItem(r.row, r.prompt_id, r.x, r.y0, r.chosen) for r in loaded.records]
+        else:  # the search starts from the source set's chosen answer (start=chosen) or a fresh sample
+            start_from_chosen = cfg.synth.stage2.start == "chosen"
+            items = [WorkItem(r.row, r.prompt_id, r.x, r.chosen[-1]["content"] if start_from_chosen and r.chosen else None)
+                     for r in loaded.records]
         fields = {k: v for k, v in vars(cfg.synth.input.fields).items()}
         source = {"path": loaded.source, "fields": fields, "limit": cfg.synth.input.limit, "digest": loaded.digest}
         return {"items": items, "invalid": loaded.invalid, "rows_read": loaded.rows, "source": source}
@@ -218,7 +226,11 @@ def print_report(report: dict[str, Any], file=None) -> None:
         rules = ", ".join(f"{k}={v}" for k, v in row["rejected"].items()) or "-"
         w(f"  {output:<12} accepted {row['accepted']:>6}  ({rate:>6})  rejected: {rules}\n")
     pairs = r.get("pairs_by_type") or {}
-    w("pairs by type: " + "  ".join(f"{k}={v}" for k, v in pairs.items()) + "\n")
+    rules = f" (stage-1 pair rules: {report['pair_rules']})" if report.get("pair_rules") else ""
+    w("pairs by type: " + "  ".join(f"{k}={v}" for k, v in pairs.items()) + rules + "\n")
+    duplicates = r.get("duplicates_removed") or {}
+    if duplicates:
+        w("duplicates removed: " + "  ".join(f"{k}={v}" for k, v in duplicates.items()) + "\n")
     events = {k: v for k, v in (r.get("events") or {}).items()}
     if events:
         w("events: " + "  ".join(f"{k}={v}" for k, v in events.items()) + "\n")
