@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron-Core logs its whole config at INFO; keep it for AVR_LOG_LEVEL=DEBUG.
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("megatron").setLevel(logging.WARNING)
+    from avr_megatron.runtime.noise import quiet_known_noise
+
+    quiet_known_noise()
     from avr_megatron.config import ConfigError
 
     try:

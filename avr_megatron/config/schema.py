@@ -170,7 +170,8 @@ class TrainConfig:
     global_batch_size: int = 8
     # Tokens per packed bin; a preference pair (prompt + chosen + rejected) must fit one.
     seq_length: int = 512
-    # Log (console, TensorBoard, W&B) every this many steps.
+    # Log every this many steps: TensorBoard, W&B and, off a terminal (Slurm logs), one plain
+    # progress line (step, loss, tokens/s, model TFLOP/s per GPU, memory, ETA).
     log_interval: int = 1
     # A step whose loss or gradients are NaN/inf is skipped (no update) and counted; this many
     # skipped steps in a row abort the run.
@@ -262,11 +263,12 @@ class CheckpointConfig:
 class LoggingConfig:
     # TensorBoard event files under <run.dir>/tensorboard.
     tensorboard: bool = True
-    # Weights & Biases (needs the wandb package); None disables it.
+    # Weights & Biases project (needs the `wandb` extra); None disables it.
     wandb_project: Optional[str] = None
     # Weights & Biases team or user; None: your default entity.
     wandb_entity: Optional[str] = None
-    # Show a progress bar during training.
+    # Show a progress bar during training when stderr is a terminal (off a terminal, or when
+    # false, plain lines every train.log_interval steps instead).
     progress_bar: bool = True
     # Peak dense TFLOP/s of one accelerator for the MFU estimate; None: looked up from the
     # device name (H100/H200/A100/B200); MFU is not reported on CPU.

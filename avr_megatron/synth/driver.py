@@ -107,7 +107,7 @@ def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, eng
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), initial=sum(len(items[c * size:(c + 1) * size]) for c in done),
-                   unit="prompt", desc=f"synth {kind} {shard[0]}/{shard[1]}", disable=not s.progress)
+                   unit="prompt", desc=f"synth {kind} {shard[0]}/{shard[1]}", disable=not s.progress or None)
         try:
             for c in todo:
                 chunk = items[c * size:(c + 1) * size]
