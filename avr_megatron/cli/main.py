@@ -48,7 +48,7 @@ def _load(cmd: Command, args: argparse.Namespace):
     from avr_megatron.config import load_config, save_config
 
     cfg = load_config(args.recipe, args.overrides)
-    if _is_rank0():
+    if cmd.saves_config and _is_rank0():
         save_config(cfg, Path(cfg.run.dir) / "config.yaml")
     return cfg
 

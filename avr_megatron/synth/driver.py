@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from avr_megatron.method.frontier import run_frontier
 from avr_megatron.method.summary import RunSummary
 from avr_megatron.method.tree import Provenance
 from avr_megatron.synth.fallback import CriticismCounter
-from avr_megatron.synth.inputs import InvalidRecord, load_prompts
+from avr_megatron.synth.inputs import InvalidRecord, PromptRecord, load_prompts
+from avr_megatron.synth.lengths import PromptLengthCheck
 from avr_megatron.synth.stages import STAGES, Stage, WorkItem, sampling_of, templates_of, thought_sampling_of
 from avr_megatron.synth.store import ShardStore, atomic_write_json, read_output
 
@@ -41,17 +43,23 @@ def stage_dir(cfg: AvrConfig, kind: str) -> Path:
 def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
     """This shard's work items, the invalid source records, and a description of the input."""
     if kind in ("stage1", "stage2"):
-        if kind == "stage2":
-            check_stage2_start(cfg)  # before reading the input or loading a model
-        loaded = load_prompts(cfg.synth.input, shard)
+        lengths = PromptLengthCheck(cfg, sampling_of(cfg).max_tokens)
         if kind == "stage1":
+            loaded = load_prompts(cfg.synth.input, shard, check=lengths)
             items = [WorkItem(r.row, r.prompt_id, r.x, r.y0, r.chosen) for r in loaded.records]
         else:  # the search starts from the source set's chosen answer (start=chosen) or a fresh sample
-            start_from_chosen = cfg.synth.stage2.start == "chosen"
-            items = [WorkItem(r.row, r.prompt_id, r.x, r.chosen[-1]["content"] if start_from_chosen and r.chosen else None)
-                     for r in loaded.records]
+            check_stage2_start(cfg)  # before reading the input or loading a model
+
+            def start_of(r: PromptRecord) -> PromptRecord:
+                chosen = cfg.synth.stage2.start == "chosen" and r.chosen
+                return replace(r, y0=r.chosen[-1]["content"] if chosen else None)
+
+            lengths.answer_field = cfg.synth.input.fields.chosen  # the answer the reward model scores
+            loaded = load_prompts(cfg.synth.input, shard, check=lambda r: lengths(start_of(r)))
+            items = [WorkItem(r.row, r.prompt_id, r.x, start_of(r).y0) for r in loaded.records]
         fields = {k: v for k, v in vars(cfg.synth.input.fields).items()}
-        source = {"path": loaded.source, "fields": fields, "limit": cfg.synth.input.limit, "digest": loaded.digest}
+        source = {"path": loaded.source, "fields": fields, "limit": cfg.synth.input.limit, "digest": loaded.digest,
+                  "lengths": lengths.limits()}
         return {"items": items, "invalid": loaded.invalid, "rows_read": loaded.rows, "source": source}
     # thoughts: the prompts (and source rewards) of the finished stage-2 searches.
     src = stage_dir(cfg, "stage2")
@@ -62,8 +70,11 @@ def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
     import hashlib
 
     digest = hashlib.sha256(json.dumps([[it.row, it.prompt_id, it.x, it.source_reward] for it in items]).encode())
-    return {"items": items, "invalid": [], "rows_read": len(rows),
-            "source": {"path": str(src), "digest": digest.hexdigest()}}
+    lengths = PromptLengthCheck(cfg, thought_sampling_of(cfg).max_tokens)
+    invalid = [InvalidRecord(it.row, it.prompt_id, *problem) for it in items if (problem := lengths(it))]
+    bad = {r.row for r in invalid}
+    return {"items": [it for it in items if it.row not in bad], "invalid": invalid, "rows_read": len(rows),
+            "source": {"path": str(src), "digest": digest.hexdigest(), "lengths": lengths.limits()}}
 
 
 def _provenance(kind: str, cfg: AvrConfig, policy_name: str, reward_name: str) -> Provenance:
