@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from avr_megatron.config import AvrConfig, save_config
+from avr_megatron.runtime.device import to_device
 
 
 @dataclass
@@ -44,13 +45,14 @@ def _lm_loss(labels, logits):
     losses = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous().float(),
                                           labels.transpose(0, 1).contiguous())
     total = losses.sum()
-    count = torch.tensor(labels.numel(), dtype=torch.int)
+    count = torch.tensor(labels.numel(), dtype=torch.int, device=total.device)
     return total, count, {"loss": total.detach() / labels.numel()}
 
 
 def _forward_step(data_iterator, model):
-    tokens, labels = next(data_iterator)
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    """The batches are made on the host; the model runs on this process's device."""
+    tokens, labels = (to_device(t) for t in next(data_iterator))
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     return model(tokens, positions, None), partial(_lm_loss, labels)
 
 
@@ -80,7 +82,8 @@ def run_smoke(cfg: AvrConfig, progress: bool = True) -> SmokeRun:
     iters = [counting_batches(cfg.model.vocab_size, t.micro_batch_size, t.seq_length, seed)
              for _ in chunks]
     history, start = [], time.time()
-    bar = tqdm(range(t.train_iters), desc="smoke", disable=not (progress and is_rank0()))
+    bar = tqdm(range(t.train_iters), desc="smoke",
+               disable=not (progress and is_rank0()) or None)  # None: on a terminal only
     for it in bar:
         result = train_step(_forward_step, iters if len(chunks) > 1 else iters[0], chunks,
                             optimizer, scheduler, num_microbatches=n_mb,
