@@ -30,17 +30,15 @@ import hashlib
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write  # noqa: E402
+from synth_frontier import drive_alone, stage1_machines  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -99,26 +97,6 @@ def spread_engines(spread: LengthSpread):
 
 
 # --------------------------------------------------------------------------- helpers
-def _machines(records, provenance, templates, k, m):
-    from avr_megatron.method.stage1 import Stage1TreeBuilder
-
-    return [Stage1TreeBuilder(r.prompt_id, r.x, r.y0, k=k, m=m, provenance=provenance, templates=templates,
-                              max_rating_tries=1) for r in records]
-
-
-def _drive_alone(machine, generate, score) -> int:
-    """One machine, one request per engine call (how a per-prompt client works)."""
-    from avr_megatron.method.requests import GenerateRequest
-
-    calls = 0
-    while not machine.done:
-        request = machine.pending()[0]
-        result = generate([request])[0] if isinstance(request, GenerateRequest) else score([request])[0]
-        machine.feed({request.key: result})
-        calls += 1
-    return calls
-
-
 def _trees(machines) -> list:
     return [m.tree.to_dict() if m.tree is not None else None for m in machines]
 
@@ -132,42 +110,13 @@ def _texts(trees) -> list:
     return [list(walk(t["root"])) if t else None for t in trees]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(cfg, role: str, log: Path):
+    """The server `avr synth serve --role ROLE` would start, on a free port."""
     from avr_megatron.engines.serve import serve_command
+    from avr_megatron.testing import vllm_server
 
-    port = _free_port()
-    command = serve_command(cfg, role, port=port)
-    proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{role} server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(1.0)
-    raise TimeoutError(f"{role} server not ready:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc) -> None:
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    port = vllm_server.free_port()
+    return vllm_server.start(serve_command(cfg, role, port=port), log, port)
 
 
 def _warm(chat, reward):
@@ -206,17 +155,13 @@ def main() -> None:
     from avr_megatron.synth.fallback import CriticismCounter
     from avr_megatron.synth.inputs import load_prompts
     from avr_megatron.synth.store import read_output
-    from avr_megatron.testing.tiny_hf import make_tiny_llama, make_tiny_reward_model, train_tiny_tokenizer
+    from avr_megatron.testing.tiny_hf import make_tiny_vllm_models
 
     templates = PromptTemplates()
     results: dict[str, dict] = {}
-    shape = dict(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_layers=args.layers,
-                 num_heads=max(args.hidden // 64, 1), num_kv_heads=max(args.hidden // 128, 1))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tok = train_tiny_tokenizer(tmp / "tok")
-        policy = str(make_tiny_llama(tmp / "policy", tok, **shape))
-        reward_dir = str(make_tiny_reward_model(tmp / "reward", tok, **shape))
+        policy, reward_dir = make_tiny_vllm_models(tmp / "models", hidden_size=args.hidden, num_layers=args.layers)
         base = [f"run.dir={tmp / 'run'}", f"synth.input.path={PROMPTS}", "synth.input.fields.id=id",
                 f"synth.input.limit={args.prompts}", f"synth.stage1.k={args.k}", f"synth.stage1.m={args.m}",
                 "synth.progress=false", "synth.rating_fallback=true", "synth.max_rating_tries=1",
@@ -245,14 +190,14 @@ def main() -> None:
             for mode in ("frontier", "sequential"):
                 if mode in skip:
                     continue
-                machines = _machines(records, provenance, templates, args.k, args.m)
+                machines = stage1_machines(records, provenance, templates, args.k, args.m)
                 before = chat.stats["generated_tokens"]
                 start = time.perf_counter()
                 if mode == "frontier":
                     calls = run_frontier(machines, counted(chat.generate), reward.score)
                 else:
                     generate = counted(chat.generate)
-                    calls = sum(_drive_alone(m, generate, reward.score) for m in machines)
+                    calls = sum(drive_alone(m, generate, reward.score) for m in machines)
                 seconds = time.perf_counter() - start
                 trees[mode] = _trees(machines)
                 results[mode] = {"engine": "vllm.LLM (offline)", "seconds": seconds, "engine_calls": calls,
@@ -273,7 +218,7 @@ def main() -> None:
                 chat = ServerChatEngine(chat_url, policy, max_concurrency=args.threads)
                 reward = ServerRewardEngine(rm_url, reward_dir, max_concurrency=args.threads)
                 _warm(chat, reward)
-                machines = _machines(records, provenance, templates, args.k, args.m)
+                machines = stage1_machines(records, provenance, templates, args.k, args.m)
 
                 def one_by_one(requests):  # a counter per call: nothing shared between the threads
                     return CriticismCounter(templates, True)(requests, [list(t) for t in chat.generate(requests)])
@@ -281,15 +226,17 @@ def main() -> None:
                 before = chat.stats["generated_tokens"]
                 start = time.perf_counter()
                 with ThreadPoolExecutor(args.threads) as pool:
-                    calls = sum(pool.map(lambda mach: _drive_alone(mach, one_by_one, reward.score), machines))
+                    calls = sum(pool.map(lambda mach: drive_alone(mach, one_by_one, reward.score), machines))
                 seconds = time.perf_counter() - start
                 trees["reference_server"] = _trees(machines)
                 results["reference_server"] = {"engine": f"vllm serve x2, {args.threads} client threads, one prompt "
                                                "per thread", "seconds": seconds, "engine_calls": calls,
                                                "generated_tokens": chat.stats["generated_tokens"] - before}
             finally:
+                from avr_megatron.testing.vllm_server import stop
+
                 for proc in procs:
-                    _stop(proc)
+                    stop(proc)
 
         # 3. async vs barrier: the synth driver, AsyncLLM engines, lengths drawn per request.
         spread = LengthSpread(templates)

@@ -35,12 +35,9 @@ TINY = REPO / "data" / "prompts" / "tiny_prompts.jsonl"
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from avr_megatron.testing.tiny_hf import make_tiny_llama, make_tiny_reward_model, train_tiny_tokenizer
+    from avr_megatron.testing.tiny_hf import make_tiny_vllm_models
 
-    root = tmp_path_factory.mktemp("async_models")
-    tok = train_tiny_tokenizer(root / "tok")
-    shape = dict(hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2)
-    return str(make_tiny_llama(root / "policy", tok, **shape)), str(make_tiny_reward_model(root / "reward", tok, **shape))
+    return make_tiny_vllm_models(tmp_path_factory.mktemp("models"))
 
 
 def _cfg(run_dir, models, *extra):
