@@ -131,7 +131,10 @@ class VllmRewardEngine:
         return TokensPrompt(prompt_token_ids=ids)
 
     def _score(self, r: ScoreRequest, output: Any) -> float:
-        probs = list(output.outputs.probs if hasattr(output.outputs, "probs") else output.outputs.data)
+        # `LLM.classify` gives ClassificationOutput (.probs); `AsyncLLM.encode` the PoolingOutput
+        # it is made from (.data): the same values (activation off, so raw logits).
+        out = output.outputs
+        probs = list(out.probs if hasattr(out, "probs") else out.data)
         if len(probs) != 1:
             raise ValueError(f"reward model {self.name!r}: expected one score per sequence (a 1-label "
                              f"classifier), got {len(probs)} for {r.key!r}")
