@@ -98,19 +98,12 @@ def test_blocked_modules_are_really_absent_from_the_launch_lock():
     pins = roles.read_lock(ROOT / "requirements" / "launch.txt")
     assert not set(NOT_IN_LAUNCH.values()) & set(pins)
 _BLOCKED_MAIN = """
-import runpy, sys
-BLOCKED = set(sys.argv[1].split(","))
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r} (not in the launch role)", name=name)
-sys.meta_path.insert(0, Block())
-import importlib.util
-_find_spec = importlib.util.find_spec
-importlib.util.find_spec = lambda name, package=None: (
-    None if name.split(".")[0] in BLOCKED else _find_spec(name, package))
+import sys
+from avr_megatron.testing.import_block import block
+block(*sys.argv[1].split(","))
 sys.argv = ["avr", *sys.argv[2:]]
-runpy.run_module("avr_megatron.cli.main", run_name="__main__")
+from avr_megatron.cli.main import main
+sys.exit(main())
 """
 
 
