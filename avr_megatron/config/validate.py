@@ -110,6 +110,20 @@ def _parallel_layout(cfg: AvrConfig) -> list[str]:
                     f"parallel.virtual_pipeline_model_parallel_size={vpp or 1})")
     if p.sequence_parallel and tp == 1:
         errs.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+    t = cfg.train
+    tokens = t.seq_length * t.micro_batch_size  # a microbatch's tokens (one THD row under TE)
+    if p.sequence_parallel and tp > 1 and tokens % tp:
+        errs.append(f"parallel.sequence_parallel=true splits each microbatch's tokens over the "
+                    f"TP ranks: train.seq_length x train.micro_batch_size = {tokens} is not "
+                    f"divisible by {tpk}")
+    if vpp is not None and pp > 1 and t.micro_batch_size >= 1 and \
+            t.global_batch_size % t.micro_batch_size == 0 and \
+            (t.global_batch_size // t.micro_batch_size) % pp:
+        errs.append(f"interleaved pipelining (parallel.virtual_pipeline_model_parallel_size="
+                    f"{vpp}) runs a multiple of parallel.pipeline_model_parallel_size={pp} "
+                    f"microbatches per step and data-parallel rank: train.global_batch_size / "
+                    f"train.micro_batch_size = {t.global_batch_size // t.micro_batch_size} is "
+                    f"not a multiple of {pp}")
     return errs
 
 
@@ -403,6 +417,8 @@ def _launch_slurm(cfg: AvrConfig) -> list[str]:
             errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                         f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
                         f"(launch.slurm.train: {world} processes / TP x PP x CP = {model})")
+        else:
+            errs += interleaving_microbatches(cfg, dp)
     for role in ("policy", "reward"):
         e = getattr(cfg.synth, role)
         if e.backend == "vllm" and s.synth.gpus_per_node and \
@@ -432,6 +448,20 @@ def _non_finite_floats(node: Any, prefix: str = "") -> list[str]:
         key = f"{prefix}{name}" if name.startswith("[") or not prefix else f"{prefix}.{name}"
         errs += _non_finite_floats(value, key)
     return errs
+
+
+def interleaving_microbatches(cfg: AvrConfig, dp: int) -> list[str]:
+    """Megatron's interleaved schedule needs the microbatches of a step (per data-parallel
+    rank) to be a multiple of the pipeline size (and so at least it)."""
+    p, t = cfg.parallel, cfg.train
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    n = t.global_batch_size // (t.micro_batch_size * dp)
+    if vpp is None or pp < 2 or n % pp == 0:
+        return []
+    return [f"interleaved pipelining (parallel.virtual_pipeline_model_parallel_size={vpp}) "
+            f"needs the microbatches per step, train.global_batch_size / (train.micro_batch_size "
+            f"x data-parallel size {dp}) = {n}, to be a multiple of "
+            f"parallel.pipeline_model_parallel_size={pp}"]
 
 
 def validate_config(cfg: AvrConfig) -> AvrConfig:

@@ -19,6 +19,11 @@ def num_microbatches(cfg: AvrConfig, layout: ParallelLayout) -> int:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {layout.dp}")
+    from avr_megatron.config.validate import interleaving_microbatches
+
+    errors = interleaving_microbatches(cfg, layout.dp)
+    if errors:
+        raise ConfigError(errors[0])
     return t.global_batch_size // per_step
 
 
