@@ -154,6 +154,9 @@ def _training(cfg: AvrConfig) -> list[str]:
         errs.append(f"optimizer.lr={o.lr} must be > 0")
     if not 0 <= o.min_lr <= o.lr:
         errs.append(f"optimizer.min_lr={o.min_lr} must be in [0, optimizer.lr={o.lr}]")
+    if cfg.ddp.overlap_param_gather and not o.use_distributed_optimizer:
+        errs.append("ddp.overlap_param_gather=true needs optimizer.use_distributed_optimizer=true "
+                    "(parameters are all-gathered from the optimizer's shards)")
     if o.clip_grad < 0:
         errs.append(f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
     for key in ("train_iters", "micro_batch_size", "global_batch_size", "seq_length",

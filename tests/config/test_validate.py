@@ -43,6 +43,8 @@ BAD = [
     (["model.preset=tiny", f"{TP}=2", "parallel.sequence_parallel=true", "train.seq_length=33",
       "train.micro_batch_size=1"], "train.seq_length x train.micro_batch_size = 33 is not "
      f"divisible by {TP}=2"),
+    (["ddp.overlap_param_gather=true", "optimizer.use_distributed_optimizer=false"],
+     "ddp.overlap_param_gather=true needs optimizer.use_distributed_optimizer=true"),
     (["model.num_layers=4", f"{PP}=2", f"{VPP}=2", "train.global_batch_size=3",
       "train.micro_batch_size=1"], "train.global_batch_size / train.micro_batch_size = 3 is not "
      "a multiple of 2"),
