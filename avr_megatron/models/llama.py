@@ -28,7 +28,11 @@ def padded_vocab_size(m: ModelConfig) -> int:
 @lru_cache(maxsize=1)
 def transformer_engine_status() -> tuple[bool, str]:
     """(usable, reason): TE needs both the package and a CUDA device."""
-    if importlib.util.find_spec("transformer_engine") is None:
+    try:
+        spec = importlib.util.find_spec("transformer_engine")
+    except (ImportError, ValueError):  # blocked (testing.import_block) or a broken package
+        spec = None
+    if spec is None:
         return False, "transformer_engine is not installed (the train role: requirements/train.txt)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
