@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from avr_megatron.checkpoint import safe_load
 from avr_megatron.config import AvrConfig, save_config
 from avr_megatron.models.llama import unwrap
 
@@ -321,21 +322,31 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from avr_megatron.checkpoint.extra_state import te_may_unpickle, vet_state_dict
+    from avr_megatron.checkpoint.extra_state import (
+        UnsafeExtraStateError,
+        te_may_unpickle,
+        vet_state_dict,
+    )
 
     ckpt = resolve(path)
     meta = read_meta(ckpt)
     if optimizer is not None and not meta["has_optimizer"]:
         raise CheckpointError(f"{ckpt} has no optimizer state (saved weights only)")
+    safe_load.install()  # no pickle from the checkpoint runs code (see safe_load)
     sharded = _model_sharded_state_dict(chunks)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                             metadata=_OPTIM_METADATA)
     extra = _extra_state_objects(sharded)
-    loaded, _, absent = dist_checkpointing.load(
-        sharded, str(ckpt), sharded_strategy=_load_strategy(ckpt, fully_parallel),
-        strict=StrictHandling.RETURN_UNEXPECTED)
+    try:
+        with safe_load.guarded():
+            safe_load.check_legacy_common(ckpt)
+            loaded, _, absent = dist_checkpointing.load(
+                sharded, str(ckpt), sharded_strategy=_load_strategy(ckpt, fully_parallel),
+                strict=StrictHandling.RETURN_UNEXPECTED)
+    except safe_load.UnsafeCheckpointError as e:
+        raise CheckpointError(f"{ckpt}: not loaded: {e}") from None
     lacking = sorted(key for key in absent if key not in extra)
     if lacking:
         raise CheckpointError(f"{ckpt} lacks {len(lacking)} tensor(s) or object(s) this model "
@@ -344,7 +355,11 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
     for i, chunk in enumerate(chunks):
         ck = chunk_key(i, len(chunks))
         state = loaded[ck]
-        with te_may_unpickle(vet_state_dict(state, f"{ckpt} ({ck})")):
+        try:
+            te_pickles = vet_state_dict(state, ck)
+        except UnsafeExtraStateError as e:
+            raise CheckpointError(f"{ckpt}: not loaded: {e}") from None
+        with te_may_unpickle(te_pickles):
             result = unwrap(chunk).load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if (ck, k) not in tolerated]
         if strict and (missing or result.unexpected_keys):
