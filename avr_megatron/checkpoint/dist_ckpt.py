@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from avr_megatron.checkpoint import safe_load
 from avr_megatron.config import AvrConfig, save_config
 from avr_megatron.models.llama import unwrap
 
@@ -287,14 +288,20 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
     meta = read_meta(ckpt)
     if optimizer is not None and not meta["has_optimizer"]:
         raise CheckpointError(f"{ckpt} has no optimizer state (saved weights only)")
+    safe_load.install()  # no pickle from the checkpoint runs code (see safe_load)
     sharded = _model_sharded_state_dict(chunks)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                             metadata=_OPTIM_METADATA)
     extra = _extra_state_objects(sharded)
-    loaded, _, absent = dist_checkpointing.load(sharded, str(ckpt),
-                                                strict=StrictHandling.RETURN_UNEXPECTED)
+    try:
+        with safe_load.guarded():
+            safe_load.check_legacy_common(ckpt)
+            loaded, _, absent = dist_checkpointing.load(sharded, str(ckpt),
+                                                        strict=StrictHandling.RETURN_UNEXPECTED)
+    except safe_load.UnsafeCheckpointError as e:
+        raise CheckpointError(f"{ckpt}: not loaded: {e}") from None
     lacking = sorted(key for key in absent if key not in extra)
     if lacking:
         raise CheckpointError(f"{ckpt} lacks {len(lacking)} tensor(s) or object(s) this model "
