@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from avr_megatron.checkpoint import safe_load
 from avr_megatron.config import AvrConfig, save_config
 from avr_megatron.models.llama import unwrap
 
@@ -55,10 +56,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def chunk_key(i: int, num_chunks: int) -> str:
+    """The state-dict key of model chunk i (Megatron's: `model`, or `model0`, `model1`, ...
+    with virtual pipeline stages). Look chunks up by index, never by sorting these strings:
+    `model10` sorts before `model2`."""
+    return "model" if num_chunks == 1 else f"model{i}"
+
+
 def _model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
-    if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    return {chunk_key(i, len(chunks)): unwrap(c).sharded_state_dict()
+            for i, c in enumerate(chunks)}
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -157,7 +164,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPTIM_METADATA)
     if scheduler is not None:
         sharded["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(sharded, str(tmp))
+    dist_checkpointing.save(sharded, str(tmp),
+                            sharded_strategy=_save_strategy(cfg.checkpoint.fully_parallel_save))
     _barrier()
     if _rank() == 0:
         meta = checkpoint_meta(iteration, cfg, has_optimizer=optimizer is not None,
@@ -245,24 +253,119 @@ def _materialize_optimizer_state(optimizer) -> None:
                 p.grad = grad
 
 
+def _extra_state_objects(sharded: dict) -> dict[str, list[tuple[str, str]]]:
+    """Dist-checkpoint key -> [(chunk key, state-dict name)] of every model `_extra_state`
+    object requested. Such an object may be absent from a checkpoint and the load still be
+    complete: Transformer Engine's RMSNorm (the TE spec's final norm) has one, Megatron's local
+    norm has none, so a checkpoint converted from HF before the converter wrote it, or saved by
+    a local-spec run, lacks `decoder.final_layernorm._extra_state`. Its module then keeps its
+    fresh state, as the linears do when their stored value is None."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    for ck, state in sharded.items():
+        if not ck.startswith("model"):
+            continue
+        for name, value in state.items():
+            if isinstance(value, ShardedObject) and name.rsplit(".", 1)[-1] == "_extra_state":
+                out.setdefault(value.key, []).append((ck, name))
+    return out
+
+
+def _data_parallel_group():
+    """The ranks holding replicas of the same shards (data parallel, with context parallel),
+    or None when there is only one."""
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _save_strategy(fully_parallel: bool):
+    """torch_dist; fully parallel: each replicated shard is written by one of its data-parallel
+    holders, spread evenly, rather than all by data-parallel rank 0 (Megatron-LM's
+    --ckpt-fully-parallel-save, its default)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    group = _data_parallel_group() if fully_parallel else None
+    return strategy if group is None else FullyParallelSaveStrategyWrapper(strategy, group)
+
+
+def _load_strategy(ckpt: Path, fully_parallel: bool):
+    """torch_dist; fully parallel: the data-parallel ranks each read part of the replicated
+    shards and exchange them (Megatron-LM's --ckpt-fully-parallel-load)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    strategy = get_default_load_sharded_strategy(str(ckpt))
+    group = _data_parallel_group() if fully_parallel else None
+    return strategy if group is None else FullyParallelLoadStrategyWrapper(strategy, group)
+
+
 def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, optimizer=None,
-                    scheduler=None, strict: bool = True) -> dict:
+                    scheduler=None, strict: bool = True, fully_parallel: bool = False) -> dict:
     """Load weights (any TP/PP layout) and, when given, optimizer and scheduler state (same
-    TP/PP layout as saved). Returns the checkpoint's metadata (with `state`)."""
+    TP/PP layout as saved). Returns the checkpoint's metadata (with `state`). `fully_parallel`:
+    checkpoint.fully_parallel_load (the data-parallel ranks share the reading).
+
+    Every tensor the model and optimizer need must be in the checkpoint; of the `_extra_state`
+    objects only those may be missing (see _extra_state_objects). Transformer Engine FP8 extra
+    state is vetted by checkpoint.extra_state before TE unpickles it."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from avr_megatron.checkpoint.extra_state import (
+        UnsafeExtraStateError,
+        te_may_unpickle,
+        vet_state_dict,
+    )
 
     ckpt = resolve(path)
     meta = read_meta(ckpt)
     if optimizer is not None and not meta["has_optimizer"]:
         raise CheckpointError(f"{ckpt} has no optimizer state (saved weights only)")
+    safe_load.install()  # no pickle from the checkpoint runs code (see safe_load)
     sharded = _model_sharded_state_dict(chunks)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                             metadata=_OPTIM_METADATA)
-    loaded = dist_checkpointing.load(sharded, str(ckpt))
-    for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), chunks):
-        unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+    extra = _extra_state_objects(sharded)
+    try:
+        with safe_load.guarded():
+            safe_load.check_legacy_common(ckpt)
+            loaded, _, absent = dist_checkpointing.load(
+                sharded, str(ckpt), sharded_strategy=_load_strategy(ckpt, fully_parallel),
+                strict=StrictHandling.RETURN_UNEXPECTED)
+    except safe_load.UnsafeCheckpointError as e:
+        raise CheckpointError(f"{ckpt}: not loaded: {e}") from None
+    lacking = sorted(key for key in absent if key not in extra)
+    if lacking:
+        raise CheckpointError(f"{ckpt} lacks {len(lacking)} tensor(s) or object(s) this model "
+                              f"needs: {', '.join(lacking[:8])}{' ...' if len(lacking) > 8 else ''}")
+    tolerated = {(ck, name) for key in absent for ck, name in extra[key]}
+    for i, chunk in enumerate(chunks):
+        ck = chunk_key(i, len(chunks))
+        state = loaded[ck]
+        try:
+            te_pickles = vet_state_dict(state, ck)
+        except UnsafeExtraStateError as e:
+            raise CheckpointError(f"{ckpt}: not loaded: {e}") from None
+        with te_may_unpickle(te_pickles):
+            result = unwrap(chunk).load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if (ck, k) not in tolerated]
+        if strict and (missing or result.unexpected_keys):
+            raise CheckpointError(f"{ckpt} does not fit the model ({ck}): missing "
+                                  f"{missing or 'nothing'}, unexpected "
+                                  f"{result.unexpected_keys or 'nothing'}")
     if optimizer is not None:
         # fp32 runs: the distributed optimizer's main params are views of the model params, and
         # Megatron copies into them outside no_grad.

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from avr_megatron.config import AvrConfig, ConfigError
 from avr_megatron.config.schema import ModelConfig, RopeScalingConfig
+from avr_megatron.runtime.device import device, on_gpu
 
 
 def padded_vocab_size(m: ModelConfig) -> int:
@@ -27,7 +28,11 @@ def padded_vocab_size(m: ModelConfig) -> int:
 @lru_cache(maxsize=1)
 def transformer_engine_status() -> tuple[bool, str]:
     """(usable, reason): TE needs both the package and a CUDA device."""
-    if importlib.util.find_spec("transformer_engine") is None:
+    try:
+        spec = importlib.util.find_spec("transformer_engine")
+    except (ImportError, ValueError):  # blocked (testing.import_block) or a broken package
+        spec = None
+    if spec is None:
         return False, "transformer_engine is not installed (the train role: requirements/train.txt)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
@@ -36,6 +41,23 @@ def transformer_engine_status() -> tuple[bool, str]:
     except Exception as e:  # a broken install (missing cuDNN, ABI mismatch) is common
         return False, f"import transformer_engine.pytorch failed: {e}"
     return True, "available"
+
+
+@lru_cache(maxsize=1)
+def grad_accumulation_fusion_available() -> bool:
+    """Whether Megatron's gradient-accumulation fusion (weight gradients accumulated straight
+    into the fp32 `main_grad` buffers) can be on. It is one flag for every linear layer:
+    Transformer Engine's linears fuse natively (they only need the `main_grad` that Megatron's
+    DDP attaches), but Megatron's own ColumnParallelLinear / RowParallelLinear (the output
+    layer on every spec; all linears on the local spec) call APEX's fused_weight_gradient_mlp_cuda
+    kernel, and ColumnParallelLinear refuses to build without it. So: a GPU and that kernel."""
+    if not on_gpu():
+        return False
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401  (APEX, built with --cuda_ext)
+    except ImportError:
+        return False
+    return True
 
 
 def uses_transformer_engine(cfg: AvrConfig) -> bool:
@@ -59,7 +81,36 @@ def uses_transformer_engine(cfg: AvrConfig) -> bool:
                           f"({reason})")
     if p.sequence_parallel and not use_te:
         raise ConfigError(f"parallel.sequence_parallel=true needs Transformer Engine norms ({reason})")
+    if pr.fp8 is not None and on_gpu():
+        problem = fp8_device_problem(pr.fp8_recipe, torch.cuda.get_device_capability(),
+                                     torch.version.cuda)
+        if problem:
+            raise ConfigError(f"precision.fp8={pr.fp8!r} with precision.fp8_recipe="
+                              f"{pr.fp8_recipe!r} on {torch.cuda.get_device_name()}: {problem}")
     return use_te
+
+
+def fp8_device_problem(fp8_recipe: str, capability: tuple[int, int],
+                       cuda_version: str | None) -> str | None:
+    """Why this GPU cannot run the FP8 recipe, or None. The device rules of Transformer Engine
+    2.20 (transformer_engine/pytorch/quantization.py `_compute_*_support`), checked when the
+    model is configured on the GPU itself, before any data or weights are loaded (a recipe is
+    validated on login nodes without a GPU, so the rule cannot live there)."""
+    cc = tuple(capability)
+    cuda = tuple(int(x) for x in (cuda_version or "0.0").split(".")[:2])
+    cc_text = f"compute capability {cc[0]}.{cc[1]}"
+    if cc < (8, 9):
+        return f"FP8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell); this GPU has {cc_text}"
+    if fp8_recipe == "mxfp8" and not (10, 0) <= cc < (12, 0):
+        return (f"mxfp8 needs a Blackwell data-centre GPU (compute capability 10.x; TE has no "
+                f"MXFP8 GEMMs before 10.0 or on 12.x); this GPU has {cc_text}: use delayed, "
+                "tensorwise or blockwise")
+    if fp8_recipe == "blockwise" and (cc < (9, 0) or cuda < (12, 9)):
+        return (f"blockwise FP8 needs compute capability >= 9.0 and CUDA >= 12.9; this GPU has "
+                f"{cc_text}, torch is built for CUDA {cuda_version}")
+    if cc < (9, 0) and cuda < (12, 1):
+        return f"FP8 on Ada ({cc_text}) needs CUDA >= 12.1; torch is built for CUDA {cuda_version}"
+    return None
 
 
 def llama3_inv_freq(head_dim: int, base: float, rs: RopeScalingConfig) -> torch.Tensor:
@@ -84,7 +135,7 @@ def _backend() -> str:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_backend()
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if on_gpu() else "gloo"
 
 
 def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
@@ -93,7 +144,7 @@ def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
     m, p, pr = cfg.model, cfg.parallel, cfg.precision
     if use_te is None:
         use_te = uses_transformer_engine(cfg)
-    on_gpu = torch.cuda.is_available()
+    gpu = on_gpu()
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -126,10 +177,10 @@ def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
         masked_softmax_fusion=use_te,
         apply_rope_fusion=use_te,
         persist_layer_norm=use_te,
-        gradient_accumulation_fusion=use_te,
+        gradient_accumulation_fusion=grad_accumulation_fusion_available(),
         cross_entropy_loss_fusion=False,
         # Initialise the full weight then slice it: same weights for any TP size; required on CPU.
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=not gpu,
         recompute_granularity=m.recompute_granularity,
         recompute_method=m.recompute_method,
         recompute_num_layers=m.recompute_num_layers,
@@ -149,14 +200,14 @@ def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
 
 
 def layer_spec(use_te: bool):
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    """TE's layer spec, or Megatron's local one with SDPA core attention (models/attention.py)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    from avr_megatron.models.attention import local_layer_spec
 
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    return local_layer_spec()
 
 
 def build_model(cfg: AvrConfig, *, wrap_fp16: bool = True) -> list[torch.nn.Module]:
@@ -195,8 +246,8 @@ def build_model(cfg: AvrConfig, *, wrap_fp16: bool = True) -> list[torch.nn.Modu
             model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
         for param in model.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
+        if on_gpu():
+            model.to(device())
         if wrap_fp16 and cfg.precision.bf16:
             model = Float16Module(tcfg, model)
         chunks.append(model)

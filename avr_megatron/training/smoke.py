@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from avr_megatron.config import AvrConfig, save_config
+from avr_megatron.runtime.device import to_device
 
 
 @dataclass
@@ -44,13 +45,14 @@ def _lm_loss(labels, logits):
     losses = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous().float(),
                                           labels.transpose(0, 1).contiguous())
     total = losses.sum()
-    count = torch.tensor(labels.numel(), dtype=torch.int)
+    count = torch.tensor(labels.numel(), dtype=torch.int, device=total.device)
     return total, count, {"loss": total.detach() / labels.numel()}
 
 
 def _forward_step(data_iterator, model):
-    tokens, labels = next(data_iterator)
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    """The batches are made on the host; the model runs on this process's device."""
+    tokens, labels = (to_device(t) for t in next(data_iterator))
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     return model(tokens, positions, None), partial(_lm_loss, labels)
 
 
@@ -65,6 +67,7 @@ def run_smoke(cfg: AvrConfig, progress: bool = True) -> SmokeRun:
         build_optimizer,
         build_scheduler,
         num_microbatches,
+        params_synced,
         wrap_ddp,
     )
     from avr_megatron.training.step import train_step
@@ -91,6 +94,8 @@ def run_smoke(cfg: AvrConfig, progress: bool = True) -> SmokeRun:
                         "grad_norm": result.grad_norm})
         bar.set_postfix(loss=f"{result.metrics['loss']:.3f}")
     elapsed = time.time() - start
+    with params_synced(chunks):  # the returned chunks hold the final weights
+        pass
     summary = {
         "layout": vars(layout), "iters": t.train_iters, "first_loss": history[0]["loss"],
         "last_loss": history[-1]["loss"], "seconds": round(elapsed, 2),
