@@ -65,6 +65,8 @@ class PackedBatch:
 
 def collate(data: TokenizedDataset, plan: PackingPlan, bins: Sequence[int],
             pad_id: int) -> PackedBatch:
+    """The microbatch of these bins (one row each; a negative bin index is an all-padding row
+    holding no sequence)."""
     L = plan.capacity
     n = len(bins)
     tokens = np.full((n, L), pad_id, dtype=np.int64)
@@ -76,6 +78,8 @@ def collate(data: TokenizedDataset, plan: PackingPlan, bins: Sequence[int],
     pair_c, pair_r = [], []
     for row, b in enumerate(bins):
         offset = 0
+        if b < 0:
+            continue  # an empty row (evaluation fills its last microbatch with them)
         for u in plan.bin(int(b)):
             for role, s in enumerate(data.unit_sequences(int(u))):
                 ids, mask = data.sequence(s)
