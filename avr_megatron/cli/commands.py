@@ -16,6 +16,9 @@ class Command:
     arguments: str | None = None
     # Commands without a recipe (info) get cfg=None.
     takes_recipe: bool = True
+    # Save the resolved config as <run.dir>/config.yaml (commands without a run directory, such
+    # as `avr convert`, write nothing there).
+    saves_config: bool = True
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -53,11 +56,11 @@ COMMANDS: list[Command] = [
     Command(("convert", "hf-to-mcore"),
             "convert a Hugging Face Llama directory into a Megatron dist checkpoint",
             "avr_megatron.cli.convert:run_hf_to_mcore",
-            "avr_megatron.cli.convert:add_hf_to_mcore_arguments"),
+            "avr_megatron.cli.convert:add_hf_to_mcore_arguments", saves_config=False),
     Command(("convert", "mcore-to-hf"),
             "export a Megatron dist checkpoint (any TP/PP) to a Hugging Face directory",
             "avr_megatron.cli.convert:run_mcore_to_hf",
-            "avr_megatron.cli.convert:add_mcore_to_hf_arguments"),
+            "avr_megatron.cli.convert:add_mcore_to_hf_arguments", saves_config=False),
 ]
 
 

@@ -48,7 +48,7 @@ def _load(cmd: Command, args: argparse.Namespace):
     from avr_megatron.config import load_config, save_config
 
     cfg = load_config(args.recipe, args.overrides)
-    if _is_rank0():
+    if cmd.saves_config and _is_rank0():
         save_config(cfg, Path(cfg.run.dir) / "config.yaml")
     return cfg
 
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron-Core logs its whole config at INFO; keep it for AVR_LOG_LEVEL=DEBUG.
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("megatron").setLevel(logging.WARNING)
+    from avr_megatron.runtime.noise import quiet_known_noise
+
+    quiet_known_noise()
     from avr_megatron.config import ConfigError
 
     try:

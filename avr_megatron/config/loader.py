@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -119,11 +118,8 @@ def to_yaml(cfg: AvrConfig) -> str:
 
 
 def save_config(cfg: AvrConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config atomically (temp file + rename) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    """Write the resolved config atomically (temp file + rename), readable by the group and
+    others like any file the user creates (0644 under umask 022), and return its path."""
+    from avr_megatron.runtime.files import atomic_write_text
+
+    return atomic_write_text(path, to_yaml(cfg))

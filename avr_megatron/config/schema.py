@@ -170,7 +170,8 @@ class TrainConfig:
     global_batch_size: int = 8
     # Tokens per packed bin; a preference pair (prompt + chosen + rejected) must fit one.
     seq_length: int = 512
-    # Log (console, TensorBoard, W&B) every this many steps.
+    # Log every this many steps: TensorBoard, W&B and, off a terminal (Slurm logs), one plain
+    # progress line (step, loss, tokens/s, model TFLOP/s per GPU, memory, ETA).
     log_interval: int = 1
     # Evaluate on data.valid every this many steps and after the last one (Megatron-Bridge's
     # name); 0 or None: only after the last step. Metrics: eval/loss and, for DPO,
@@ -288,7 +289,8 @@ class LoggingConfig:
     wandb_project: Optional[str] = None
     # Weights & Biases team or user; None: your default entity.
     wandb_entity: Optional[str] = None
-    # Show a progress bar during training.
+    # Show a progress bar during training when stderr is a terminal (off a terminal, or when
+    # false, plain lines every train.log_interval steps instead).
     progress_bar: bool = True
     # Peak dense TFLOP/s of one accelerator for the MFU estimate; None: looked up from the
     # device name (H100/H200/A100/B200); MFU is not reported on CPU.

@@ -7,8 +7,10 @@ live where those are known (model builder, runtime init).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
-from typing import Callable
+from typing import Any, Callable
 
 from avr_megatron.config.errors import ConfigError
 from avr_megatron.config.schema import AvrConfig
@@ -404,8 +406,31 @@ def _launch_slurm(cfg: AvrConfig) -> list[str]:
     return errs
 
 
+def _non_finite_floats(node: Any, prefix: str = "") -> list[str]:
+    """Every float key (nested sections, lists and dicts included) whose value is NaN or
+    infinite. No key of ours gives infinity a meaning (no "unbounded" float setting), and a NaN
+    compares false with every bound, so the range rules below would blame another key (e.g.
+    `optimizer.min_lr` for `optimizer.lr=nan`)."""
+    if dataclasses.is_dataclass(node):
+        items = ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node))
+    elif isinstance(node, dict):
+        items = ((str(k), v) for k, v in node.items())
+    elif isinstance(node, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(node))
+    else:
+        return ([f"{prefix}={node} must be a finite number"]
+                if isinstance(node, float) and not math.isfinite(node) else [])
+    errs = []
+    for name, value in items:
+        key = f"{prefix}{name}" if name.startswith("[") or not prefix else f"{prefix}.{name}"
+        errs += _non_finite_floats(value, key)
+    return errs
+
+
 def validate_config(cfg: AvrConfig) -> AvrConfig:
-    errors = [msg for check in RULES for msg in check(cfg)]
+    # Non-finite floats first and alone: with a NaN or inf in play, range rules that compare two
+    # keys would name the wrong one.
+    errors = _non_finite_floats(cfg) or [msg for check in RULES for msg in check(cfg)]
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return cfg

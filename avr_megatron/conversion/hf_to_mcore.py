@@ -134,7 +134,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out: str | Path, *, base: AvrConfig 
         log.info("converting %s -> %s: %d layers, %.2f GB as %s, chunked for TP=%d",
                  hf_dir, out, m.num_layers, total * itemsize / 1e9, torch_dtype, tp)
         with atomic_output(out) as tmp, tqdm(total=total * itemsize, unit="B", unit_scale=True,
-                                             desc="hf-to-mcore", disable=not progress,
+                                             desc="hf-to-mcore", disable=not progress or None,
                                              mininterval=1.0) as bar:
             ckpt = tmp / iter_dir_name(0)
             dist_io.write_checkpoint(ckpt, m, tensors, tp, torch_dtype,

@@ -183,7 +183,7 @@ def convert_mcore_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None 
     log.info("exporting %s -> %s: %d layers, %.2f GB as %s", ckpt_dir, out, m.num_layers,
              total / 1e9, out_dtype)
     with atomic_output(out) as tmp, tqdm(total=total, unit="B", unit_scale=True,
-                                         desc="mcore-to-hf", disable=not progress,
+                                         desc="mcore-to-hf", disable=not progress or None,
                                          mininterval=1.0) as bar:
         shards = plan_shards(specs, max_shard_bytes)
         writer = _ShardedWriter(tmp, shards, {"format": "pt"})

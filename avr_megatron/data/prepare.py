@@ -351,13 +351,20 @@ def _collect(blocks: list[Block], done: dict, fresh, done_file: Path,
     if done_file.is_file() and not done_file.read_bytes().endswith(b"\n"):
         with open(done_file, "ab") as f:
             f.write(b"\n")  # after a torn line
+    # A bar on a terminal; elsewhere (Slurm and pipeline logs) a plain line per ~10%.
     bar = tqdm(total=len(blocks), initial=len(done), desc="avr prepare", unit="block",
-               disable=not progress)
+               disable=not (progress and sys.stderr.isatty()))
+    every, finished, t0 = max(1, len(blocks) // 10), len(done), time.time()
     with open(done_file, "a") as journal:
         for b in blocks:
             while b.index not in done and b.index not in pending:
                 r = next(fresh)
                 bar.update(1)
+                finished += 1
+                if progress and bar.disable and (finished % every == 0
+                                                 or finished == len(blocks)):
+                    log.info("avr prepare: %d/%d blocks (%.0f s)", finished, len(blocks),
+                             time.time() - t0)
                 if r.error is None:
                     journal.write(json.dumps(asdict(r)) + "\n")
                     journal.flush()

@@ -289,7 +289,7 @@ def run_eval(cfg: AvrConfig, *, engines: dict[str, Any] | None = None) -> dict[s
         from avr_megatron.engines.factory import build_chat_engine, build_reward_engine
 
         reward = engines["reward"] if engines else build_reward_engine(cfg.synth.reward, cfg.run.seed)
-        bar = tqdm(total=steps, unit="step", desc=f"eval {generator}", disable=not e.progress)
+        bar = tqdm(total=steps, unit="step", desc=f"eval {generator}", disable=not e.progress or None)
         try:
             ev = Evaluator(cfg, records, reward, bar)
             if need_baseline:

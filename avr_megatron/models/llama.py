@@ -28,7 +28,7 @@ def padded_vocab_size(m: ModelConfig) -> int:
 def transformer_engine_status() -> tuple[bool, str]:
     """(usable, reason): TE needs both the package and a CUDA device."""
     if importlib.util.find_spec("transformer_engine") is None:
-        return False, "transformer_engine is not installed (pip install '.[gpu]')"
+        return False, "transformer_engine is not installed (the train role: requirements/train.txt)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     try:

@@ -23,6 +23,7 @@ from avr_megatron.method.summary import RunSummary
 from avr_megatron.method.tree import Provenance
 from avr_megatron.synth.fallback import CriticismCounter
 from avr_megatron.synth.inputs import InvalidRecord, load_prompts
+from avr_megatron.synth.lengths import PromptLengthCheck
 from avr_megatron.synth.stages import STAGES, Stage, WorkItem, sampling_of, templates_of, thought_sampling_of
 from avr_megatron.synth.store import ShardStore, atomic_write_json, read_output
 
@@ -40,10 +41,12 @@ def stage_dir(cfg: AvrConfig, kind: str) -> Path:
 def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
     """This shard's work items, the invalid source records, and a description of the input."""
     if kind in ("stage1", "stage2"):
-        loaded = load_prompts(cfg.synth.input, shard)
+        lengths = PromptLengthCheck(cfg, sampling_of(cfg).max_tokens)
+        loaded = load_prompts(cfg.synth.input, shard, check=lengths)
         items = [WorkItem(r.row, r.prompt_id, r.x, r.y0, r.sft) for r in loaded.records]
         fields = {k: v for k, v in vars(cfg.synth.input.fields).items()}
-        source = {"path": loaded.source, "fields": fields, "limit": cfg.synth.input.limit, "digest": loaded.digest}
+        source = {"path": loaded.source, "fields": fields, "limit": cfg.synth.input.limit, "digest": loaded.digest,
+                  "lengths": lengths.limits()}
         return {"items": items, "invalid": loaded.invalid, "rows_read": loaded.rows, "source": source}
     # thoughts: the prompts (and source rewards) of the finished stage-2 searches.
     src = stage_dir(cfg, "stage2")
@@ -54,8 +57,11 @@ def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
     import hashlib
 
     digest = hashlib.sha256(json.dumps([[it.row, it.prompt_id, it.x, it.source_reward] for it in items]).encode())
-    return {"items": items, "invalid": [], "rows_read": len(rows),
-            "source": {"path": str(src), "digest": digest.hexdigest()}}
+    lengths = PromptLengthCheck(cfg, thought_sampling_of(cfg).max_tokens)
+    invalid = [InvalidRecord(it.row, it.prompt_id, *problem) for it in items if (problem := lengths(it))]
+    bad = {r.row for r in invalid}
+    return {"items": [it for it in items if it.row not in bad], "invalid": invalid, "rows_read": len(rows),
+            "source": {"path": str(src), "digest": digest.hexdigest(), "lengths": lengths.limits()}}
 
 
 def _provenance(kind: str, cfg: AvrConfig, policy_name: str, reward_name: str) -> Provenance:
@@ -99,7 +105,7 @@ def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, eng
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), initial=sum(len(items[c * size:(c + 1) * size]) for c in done),
-                   unit="prompt", desc=f"synth {kind} {shard[0]}/{shard[1]}", disable=not s.progress)
+                   unit="prompt", desc=f"synth {kind} {shard[0]}/{shard[1]}", disable=not s.progress or None)
         try:
             for c in todo:
                 chunk = items[c * size:(c + 1) * size]

@@ -5,15 +5,19 @@ file, a directory of them, a `save_to_disk` dataset or a hub dataset, through th
 Every source row becomes either a `PromptRecord` or an `InvalidRecord` (row number, id when one
 could be read, field, reason): bad rows never stop a run and never vanish silently. JSONL is read
 line by line (not through Arrow), so one malformed line or one row with the wrong types is one
-invalid record instead of a failed load. Shards partition rows by position (`row % N == i`), so
-`--shard i/N` runs are disjoint and together complete.
+invalid record instead of a failed load; a line that is not UTF-8 is one invalid record naming its
+byte offset. Rows are read one at a time and only this shard's valid records are kept, so a huge
+row (a 10 MB prompt) is held only while it is checked: `load_prompts(check=...)` measures each of
+this shard's records (in tokens, see `synth.lengths`) and turns the ones that do not fit into
+invalid records right away. Shards partition rows by position (`row % N == i`), so `--shard i/N`
+runs are disjoint and together complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,32 +94,60 @@ class _BadLine:
 
 
 def _read_jsonl(path: Path) -> Iterator[Any]:
+    """Rows of a JSONL file, one line in memory at a time (or of a `.json` array file, which is
+    one JSON document and so is read whole)."""
     import gzip
 
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if path.name.endswith(".json") and stripped.startswith("["):  # a JSON array file
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from None
-        yield from rows
-        return
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as e:
-            yield _BadLine(f"{path.name} line {n}: not valid JSON ({e.msg})")
+    with opener(path, "rb") as f:
+        head = f.read(4096)
+        f.seek(0)
+        if path.name.endswith(".json") and head.lstrip().startswith(b"["):  # a JSON array file
+            data = f.read()
+            try:
+                rows = json.loads(data.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}: not valid UTF-8 at byte offset {e.start}") from None
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON: {e}") from None
+            del data
+            yield from rows
+            return
+        offset = 0
+        for n, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield _BadLine(f"{path.name} line {n}: not valid UTF-8 (byte offset {start + e.start} "
+                               "of the file)")
+                continue
+            del raw
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                yield _BadLine(f"{path.name} line {n}: not valid JSON ({e.msg})")
 
 
 def _read_parquet(path: Path) -> Iterator[Any]:
+    """Rows of a Parquet file, one record batch in memory at a time; a row whose strings are not
+    UTF-8 is one invalid record."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    yield from pq.read_table(path).to_pylist()
+    start = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        try:
+            yield from batch.to_pylist()
+        except (UnicodeDecodeError, pa.ArrowException):
+            for k in range(batch.num_rows):
+                try:
+                    yield batch.slice(k, 1).to_pylist()[0]
+                except (UnicodeDecodeError, pa.ArrowException) as e:
+                    yield _BadLine(f"{path.name} row {start + k}: not valid UTF-8 ({e})")
+        start += batch.num_rows
 
 
 def _is_disk_dataset(path: Path) -> bool:
@@ -248,7 +280,21 @@ def parse_row(row: Any, index: int, cfg: SynthInputConfig) -> PromptRecord:
         x = [message("system", system), *x]
     y0 = _answer(_get(row, f.answer), f.answer) if f.answer is not None else None
     sft = _sft(_get(row, f.sft), f.sft, x) if f.sft is not None else None
+    for name, value in ((f.prompt, x), (f.answer, y0), (f.sft, sft)):
+        _check_encodable(value, name)
     return PromptRecord(index, prompt_id, x, y0, sft)
+
+
+def _check_encodable(value: Any, name: str | None) -> None:
+    """JSON `\\ud800`-style escapes decode to lone surrogates, which no tokenizer or Parquet
+    file can take: such a row is invalid, not a crash later in the chunk."""
+    texts = [value] if isinstance(value, str) else [m["content"] for m in value or ()]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _Invalid(name, f"field {name!r}: not valid UTF-8 text (a lone surrogate at "
+                                 f"character {e.start})") from None
 
 
 def _row_id(row: Any, cfg: SynthInputConfig) -> str | None:
@@ -258,21 +304,26 @@ def _row_id(row: Any, cfg: SynthInputConfig) -> str | None:
     return None if raw is None else str(raw)
 
 
-def _digest(records: list[PromptRecord]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps([r.row, r.prompt_id, r.x, r.y0, r.sft], ensure_ascii=False).encode())
-    return h.hexdigest()
+def _digest_update(h, r: PromptRecord) -> None:
+    h.update(json.dumps([r.row, r.prompt_id, r.x, r.y0, r.sft], ensure_ascii=False).encode())
 
 
-def load_prompts(cfg: SynthInputConfig, shard: tuple[int, int] = (0, 1)) -> LoadedInput:
+# check(record) -> None when the record can be worked on, else (field, reason) to list it invalid.
+RecordCheck = Callable[[PromptRecord], "tuple[str | None, str] | None"]
+
+
+def load_prompts(cfg: SynthInputConfig, shard: tuple[int, int] = (0, 1),
+                 check: RecordCheck | None = None) -> LoadedInput:
     """All rows, validated; then this shard's share. Duplicate ids are judged over the whole
-    source (the first occurrence is kept), so shards agree on which rows are valid."""
+    source (the first occurrence is kept), so shards agree on which rows are valid. `check` runs
+    on this shard's valid records only (e.g. prompt length in tokens); the digest covers every
+    shard's valid records before it, so every shard of one run has the same fingerprint."""
     source, rows = iter_source_rows(cfg)
     i, n = shard
-    every: list[PromptRecord] = []
+    records: list[PromptRecord] = []
     invalid: list[InvalidRecord] = []
     first_row: dict[str, int] = {}
+    digest = hashlib.sha256()
     count = 0
     for index, row in enumerate(rows):
         if cfg.limit is not None and index >= cfg.limit:
@@ -287,7 +338,14 @@ def load_prompts(cfg: SynthInputConfig, shard: tuple[int, int] = (0, 1)) -> Load
             if index % n == i:
                 invalid.append(InvalidRecord(index, _row_id(row, cfg), e.field, e.reason))
             continue
-        every.append(record)
-    records = [r for r in every if r.row % n == i]
-    # The digest covers every shard's records, so all shards of one run share one fingerprint.
-    return LoadedInput(source, records, invalid, count, shard, _digest(every))
+        finally:
+            del row  # a huge row lives no longer than its own check
+        _digest_update(digest, record)
+        if index % n != i:
+            continue
+        problem = check(record) if check is not None else None
+        if problem is not None:
+            invalid.append(InvalidRecord(index, record.prompt_id, *problem))
+            continue
+        records.append(record)
+    return LoadedInput(source, records, invalid, count, shard, digest.hexdigest())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -27,36 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from avr_megatron.config.errors import ConfigError
+from avr_megatron.runtime import files
 
 _EXT = {"parquet": "parquet", "jsonl": "jsonl"}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    files.atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode())
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def encode_rows(rows: Sequence[dict[str, Any]], schema, fmt: str) -> bytes:
@@ -123,7 +103,7 @@ class ShardStore:
         return self.data / f"train-{self.tag}-c{chunk:06d}.{_EXT[self.fmt]}"
 
     def open(self) -> None:
-        """Check the directory holds this run (or nothing), then clear this shard's stale temp files."""
+        """Check the directory holds this run (or nothing), then clear stale temp files."""
         self.data.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.out.glob("manifest-*.json")):
             other = json.loads(path.read_text())
@@ -134,8 +114,15 @@ class ShardStore:
                     f"{self.out}: holds {path.name} from a run with a different configuration (differs in: {keys}). "
                     "Resume with the same recipe, shard count and input, or set synth.output_dir (or run.dir) "
                     "to a new directory.")
-        for tmp in self.data.glob(f".train-{self.tag}-*.tmp"):
-            tmp.unlink(missing_ok=True)
+        # Partial chunk files, manifests and summaries of a killed run: this shard's whatever
+        # wrote them (one process per shard), other shards' and the merged summary's when their
+        # writer is dead.
+        for directory in (self.data, self.out):
+            for tmp in directory.glob(".*.tmp"):
+                if tmp.name.startswith((f".train-{self.tag}-", f".manifest-{self.tag}.",
+                                        f".summary-{self.tag}.")):
+                    tmp.unlink(missing_ok=True)
+            files.remove_stale(directory, files.STALE_FILE)
 
     def done_chunks(self) -> set[int]:
         done = set()

@@ -220,10 +220,8 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> TrainResult:
-        from tqdm import tqdm
-
         from avr_megatron.training.flops import forward_flops
-        from avr_megatron.training.metrics_log import MetricsLog
+        from avr_megatron.training.metrics_log import MetricsLog, ProgressLog
         from avr_megatron.training.reference import schedule_shape
         from avr_megatron.training.setup import num_microbatches
         from avr_megatron.training.step import forward_backward
@@ -244,9 +242,8 @@ class Trainer:
         history = _History()
         status, last_saved = "finished", start if state else None
         t_start = time.time()
-        bar = tqdm(total=self.train_iters, initial=start, desc=f"avr train {self.objective.name}",
-                   disable=not (self.progress and cfg.logging.progress_bar and rank0),
-                   dynamic_ncols=True)
+        bar = ProgressLog(cfg, f"avr train {self.objective.name}", self.train_iters, start,
+                          self.progress and rank0, self.objective.progress_metrics)
         it = start
         with PreemptionSignals() as signals:
             for it in range(start, self.train_iters):
@@ -285,8 +282,9 @@ class Trainer:
                                                        * cfg.train.seq_length),
                        "target_tokens": targets, "skipped_steps": counters["skipped_steps"],
                        "epoch": self.sampler.epoch_of(it + 1)}
+                flops = forward_flops(cfg.model, real, sum_sq) * (3 + 3 * ref_factor)
+                row["tflops_per_gpu"] = flops / seconds / self.layout.world_size / 1e12
                 if mfu_den:
-                    flops = forward_flops(cfg.model, real, sum_sq) * (3 + 3 * ref_factor)
                     row["mfu"] = flops / seconds / mfu_den
                 every = cfg.train.eval_interval or 0
                 if self.validation is not None and (
@@ -294,9 +292,7 @@ class Trainer:
                     row.update(self._evaluate(seq_length, mbs, n_mb))
                 history.add({"iteration": it + 1, **row})
                 metrics_log.log(it + 1, row)
-                bar.update(1)
-                bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4g}"
-                                 for k in self.objective.progress_metrics if k in row})
+                bar.update(it + 1, row)
                 if counters["nonfinite_streak"] >= cfg.train.max_consecutive_nonfinite:
                     bar.close()
                     summary = self._summary("aborted", start, it + 1, history, t_start, None)

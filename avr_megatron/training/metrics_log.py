@@ -1,14 +1,20 @@
 """Where training metrics go, on rank 0: `<run.dir>/metrics.jsonl` (every step; the record tests
 and tools read), TensorBoard (every train.log_interval steps) and Weights & Biases when
 `logging.wandb_project` is set; validation metrics (eval/...) whenever they are computed. A
-resumed run first drops entries past its checkpoint, so the logs read as one uninterrupted
-run."""
+resumed run first drops entries past its checkpoint, so the logs read as one uninterrupted run.
+
+`ProgressLog` is what a person watching the run sees: a progress bar on a terminal, and
+elsewhere (Slurm rank logs, pipeline task logs) one plain line every train.log_interval steps,
+since a bar's carriage-return fragments are unreadable in a file."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
 
 from avr_megatron.config import AvrConfig, ConfigError
@@ -99,3 +105,77 @@ def _start_wandb(cfg: AvrConfig):
     return wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
                       name=cfg.run.name, id=run_id, resume="allow", dir=str(run_dir),
                       config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+class ProgressLog:
+    """Rank 0's view of training progress: a tqdm bar when stderr is a terminal (and
+    logging.progress_bar is on); otherwise one line every train.log_interval steps, e.g.
+
+        avr train sft: step 20/100 loss 2.3456 | 5,100 tokens/s | 12.3 TFLOP/s/GPU | mem 3.2 GiB | ETA 0:01:40
+
+    Model TFLOP/s per GPU counts model FLOPs only (training/flops.py); memory is the peak
+    allocated on the GPU, or the process's peak resident memory on CPU."""
+
+    def __init__(self, cfg: AvrConfig, name: str, total: int, start: int, enabled: bool,
+                 metrics: tuple[str, ...] = ("loss",), stream=None):
+        self.name, self.total, self.start, self.metrics = name, total, start, metrics
+        self.enabled, self.interval = enabled, max(1, cfg.train.log_interval)
+        self.stream = stream or sys.stderr
+        self.t0 = time.time()
+        self.bar = None
+        if enabled and cfg.logging.progress_bar and _isatty(self.stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True,
+                            file=self.stream)
+
+    def update(self, iteration: int, row: dict) -> None:
+        if not self.enabled:
+            return
+        shown = {k.split("/")[-1]: row[k] for k in self.metrics if _is_number(row.get(k))}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+        elif iteration % self.interval == 0 or iteration == self.total:
+            print(self.line(iteration, row, shown), file=self.stream, flush=True)
+
+    def line(self, iteration: int, row: dict, shown: dict) -> str:
+        parts = [f"{self.name}: step {iteration}/{self.total}"
+                 + "".join(f" {k} {v:.4f}" for k, v in shown.items())]
+        if _is_number(row.get("tokens_per_second")):
+            parts.append(f"{row['tokens_per_second']:,.0f} tokens/s")
+        if _is_number(row.get("tflops_per_gpu")):
+            parts.append(f"{row['tflops_per_gpu']:.3g} TFLOP/s/GPU"
+                         + (f" (MFU {row['mfu']:.1%})" if _is_number(row.get("mfu")) else ""))
+        parts.append(f"mem {_peak_memory_gib():.1f} GiB")
+        done = iteration - self.start
+        if done > 0:
+            eta = (time.time() - self.t0) / done * (self.total - iteration)
+            parts.append(f"ETA {datetime.timedelta(seconds=round(eta))}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _peak_memory_gib() -> float:
+    """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux

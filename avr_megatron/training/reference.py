@@ -354,7 +354,7 @@ def compute_store(cfg: AvrConfig, td: TrainingData, chunks, layout, *, use_te: b
               and parallel_state.get_tensor_model_parallel_rank() == 0)
     start = time.time()
     bar = tqdm(range(num_rounds), desc="avr logps", unit="round",
-               disable=not (progress and rank0))
+               disable=not (progress and rank0) or None)  # None: on a terminal only
     for r in bar:
         part = parts / f"part-{r:06d}.parquet"
         if _broadcast_flag(rank0 and part.is_file()):

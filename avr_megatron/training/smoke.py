@@ -80,7 +80,8 @@ def run_smoke(cfg: AvrConfig, progress: bool = True) -> SmokeRun:
     iters = [counting_batches(cfg.model.vocab_size, t.micro_batch_size, t.seq_length, seed)
              for _ in chunks]
     history, start = [], time.time()
-    bar = tqdm(range(t.train_iters), desc="smoke", disable=not (progress and is_rank0()))
+    bar = tqdm(range(t.train_iters), desc="smoke",
+               disable=not (progress and is_rank0()) or None)  # None: on a terminal only
     for it in bar:
         result = train_step(_forward_step, iters if len(chunks) > 1 else iters[0], chunks,
                             optimizer, scheduler, num_microbatches=n_mb,

@@ -21,6 +21,14 @@ def test_info_json():
     info = json.loads(out.stdout)
     assert info["versions"]["megatron-core"].startswith("0.19")
     assert info["code_paths"]["layer_spec"] in ("local", "transformer_engine")
+    assert info["roles"]["launch"]["complete"] and info["roles"]["train"]["usable"]
+
+
+def test_info_role_lists_packages_and_checks():
+    out = avr("info", "--role", "train", "--check")
+    assert out.returncode == 0, out.stderr  # only GPU-only packages are missing on CPU
+    assert "role train" in out.stdout and "present    megatron-core 0.19" in out.stdout
+    assert "missing    transformer-engine" in out.stdout and "(GPU only)" in out.stdout
 
 
 def test_bad_override_exits_2_naming_key(tmp_path):

@@ -62,3 +62,20 @@ def test_save_config_roundtrip(tmp_path):
     path = save_config(cfg, tmp_path / "out" / "config.yaml")
     again = load_config(path, [])
     assert again == cfg
+
+
+def test_saved_config_is_readable_by_others(tmp_path):
+    """config.yaml files (runs and checkpoints) follow the umask like any file: 0644 under 022,
+    not mkstemp's 0600; nothing else is left in the directory."""
+    import os
+    import stat
+
+    from avr_megatron.config import save_config
+
+    old = os.umask(0o022)
+    try:
+        path = save_config(load_config(None, []), tmp_path / "run" / "config.yaml")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]

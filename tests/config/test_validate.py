@@ -67,3 +67,18 @@ def test_70b_layout_validates():
     cfg = load_config(None, ["model.preset=llama3.1-70b", f"{TP}=8", f"{PP}=4", f"{VPP}=5",
                              "parallel.sequence_parallel=true"])
     assert cfg.model.num_layers == 80
+
+
+@pytest.mark.parametrize("override,key", [
+    ("loss.beta=inf", "loss.beta"), ("loss.beta=-inf", "loss.beta"),
+    ("optimizer.lr=nan", "optimizer.lr"), ("optimizer.adam_eps=.inf", "optimizer.adam_eps"),
+    ("synth.sampling.temperature=nan", "synth.sampling.temperature"),
+    ("eval.tie_margin=inf", "eval.tie_margin"), ("logging.peak_tflops=inf", "logging.peak_tflops"),
+])
+def test_non_finite_float_is_refused_naming_the_key_given(override, key):
+    """No float key gives infinity a meaning, and NaN must not make a range rule blame another
+    key (optimizer.lr=nan used to be reported as optimizer.min_lr)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    lines = [ln for ln in str(e.value).splitlines() if ln.strip().startswith("-")]
+    assert len(lines) == 1 and f"{key}=" in lines[0] and "finite" in lines[0], str(e.value)

@@ -171,3 +171,25 @@ def test_export_failure_mid_write_leaves_nothing(tmp_path, ckpt, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert_mcore_to_hf(ckpt, out, progress=False)
     _no_output(tmp_path, out)
+
+
+def test_killed_conversions_temporaries_are_removed_at_start(tmp_path, tiny_hf):
+    """A conversion killed outright leaves `.NAME.tmp-HOST-PID` (full size at 70B); the next
+    conversion into the same directory removes those of dead processes, not live ones."""
+    import os
+    import subprocess
+    import sys
+
+    from avr_megatron.runtime.files import owner_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = owner_tag().rsplit("-", 1)[0]
+    parent = tmp_path / "out"
+    stale = [parent / f".ckpt.tmp-{host}-{dead.pid}", parent / f".other.tmp-{dead.pid}"]
+    live = parent / f".ckpt.tmp-{host}-{os.getppid()}"
+    for d in (*stale, live):
+        d.mkdir(parents=True)
+        (d / "shard.distcp").write_bytes(b"\0" * 1024)
+    convert_hf_to_mcore(tiny_hf("gqa_untied"), parent / "ckpt", progress=False)
+    assert sorted(p.name for p in parent.iterdir()) == sorted(["ckpt", live.name])

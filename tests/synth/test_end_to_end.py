@@ -244,3 +244,33 @@ def test_jsonl_output_loads_with_datasets(tmp_path, tiny_models):
     assert ds.num_rows == 3 and ds["prompt_id"] == ["tiny-000", "tiny-001", "tiny-002"]
     written = pairs_stage1(cfg)["outputs"]
     assert written["preference"]["path"].endswith("train.jsonl")
+
+
+def test_overlong_and_undecodable_prompts_are_listed_never_stop_the_chunk(tmp_path, tiny_models, capsys):
+    """One chunk holding a prompt longer than the models' context (in tokens: 1024 positions),
+    a 10 MB prompt, a non-UTF-8 line, a lone-surrogate escape and an answer that does not fit
+    the reward model: the chunk finishes with the good rows, the bad ones are listed by reason."""
+    src = tmp_path / "prompts.jsonl"
+    good = [{"id": f"ok-{i}", "prompt": f"Name a colour number {i}.", "answer": "Blue."} for i in range(2)]
+    with open(src, "wb") as f:
+        f.write((json.dumps(good[0]) + "\n").encode())
+        f.write((json.dumps({"id": "long", "prompt": "word " * 1500, "answer": "Red."}) + "\n").encode())
+        f.write((json.dumps({"id": "huge", "prompt": "x" * 10_000_000, "answer": "Red."}) + "\n").encode())
+        f.write(b'{"id": "latin1", "prompt": "caf\xe9 au lait?", "answer": "Yes."}\n')
+        f.write(b'{"id": "surrogate", "prompt": "half a pair \\ud800 here", "answer": "Yes."}\n')
+        f.write((json.dumps({"id": "long-answer", "prompt": "Hi?", "answer": "word " * 1500}) + "\n").encode())
+        f.write((json.dumps(good[1]) + "\n").encode())
+    cfg = _cfg(tmp_path / "run", tiny_models, f"synth.input.path={src}", "synth.chunk_size=8",
+               "synth.stage1.k=1", "synth.stage1.m=1")
+    report = run_stage("stage1", cfg)
+    bad = {r["row"]: r for r in report["invalid"]["records"]}
+    assert sorted(bad) == [1, 2, 3, 4, 5], bad
+    assert bad[1]["id"] == "long" and bad[1]["field"] == "prompt" and "tokens" in bad[1]["reason"] \
+        and "policy model" in bad[1]["reason"] and "1024" in bad[1]["reason"]
+    assert bad[2]["id"] == "huge" and "characters" in bad[2]["reason"]  # refused before tokenizing
+    assert "not valid UTF-8" in bad[3]["reason"] and "line 4" in bad[3]["reason"] \
+        and f"byte offset {src.read_bytes().index(b'caf') + 3}" in bad[3]["reason"]
+    assert bad[4]["field"] == "prompt" and "lone surrogate" in bad[4]["reason"]
+    assert bad[5]["field"] == "answer" and "reward model" in bad[5]["reason"]
+    assert [r["prompt_id"] for r in _rows(cfg, "stage1")] == ["ok-0", "ok-1"]
+    assert "invalid input records: 5" in capsys.readouterr().out

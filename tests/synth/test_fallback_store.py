@@ -59,3 +59,27 @@ def test_store_refuses_another_configuration_and_clears_stale_temp_files(tmp_pat
     manifest = json.loads(store.manifest_path.read_text())
     assert manifest["fingerprint"]["num_shards"] == 2 and len(manifest["fingerprint_sha256"]) == 64
     assert read_output(tmp_path, require_complete=False) == [{"prompt_id": "a", "row": 6}]
+
+
+def test_store_clears_manifest_and_other_shards_temp_files_of_dead_writers(tmp_path):
+    """`.manifest-*.tmp`, summary and partial chunk files of a killed run go at the next start;
+    another shard's files of a live writer stay."""
+    import os
+    import subprocess
+    import sys
+
+    from avr_megatron.runtime.files import owner_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = owner_tag().rsplit("-", 1)[0]
+    (tmp_path / "data").mkdir(parents=True)
+    gone = [tmp_path / f".manifest-00000-of-00002.json.{host}-{os.getppid()}.tmp",  # own shard
+            tmp_path / f".summary.json.{host}-{dead.pid}.tmp",
+            tmp_path / f".manifest-00001-of-00002.json.{host}-{dead.pid}.tmp",
+            tmp_path / "data" / f".train-00001-of-00002-c000001.parquet.{host}-{dead.pid}.tmp"]
+    kept = [tmp_path / "data" / f".train-00001-of-00002-c000002.parquet.{host}-{os.getppid()}.tmp"]
+    for p in gone + kept:
+        p.write_bytes(b"partial")
+    ShardStore(tmp_path, kind="stage1", shard=(0, 2), fmt="parquet", fingerprint={"seed": 1}).open()
+    assert [p for p in gone if p.exists()] == [] and all(p.exists() for p in kept)

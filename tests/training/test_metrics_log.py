@@ -88,3 +88,60 @@ def test_flops_and_peak():
     assert peak_flops("NVIDIA H100 80GB HBM3", False, None) == 989.4e12
     assert peak_flops("NVIDIA H100 80GB HBM3", True, None) == 2 * 989.4e12
     assert peak_flops("cpu", False, None) is None and peak_flops(None, False, 100.0) == 1e14
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_plain_lines_off_a_terminal(tmp_path):
+    """Off a TTY (Slurm rank logs): no bar fragments, one line every train.log_interval steps
+    and at the last step, with loss, tokens/s, model TFLOP/s per GPU, memory and ETA."""
+    from avr_megatron.training.metrics_log import ProgressLog
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", "train.log_interval=2"])
+    out = _Stream(tty=False)
+    p = ProgressLog(cfg, "avr train sft", total=5, start=0, enabled=True,
+                    metrics=("loss", "rewards/accuracies"), stream=out)
+    for it in range(1, 6):
+        p.update(it, {"loss": 1.0 / it, "tokens_per_second": 1234.5, "tflops_per_gpu": 0.25,
+                      "rewards/accuracies": 0.5, "grad_norm": None})
+    p.close()
+    lines = out.text.splitlines()
+    assert "\r" not in out.text and len(lines) == 3
+    assert [ln.split(" | ")[0] for ln in lines] == [
+        "avr train sft: step 2/5 loss 0.5000 accuracies 0.5000",
+        "avr train sft: step 4/5 loss 0.2500 accuracies 0.5000",
+        "avr train sft: step 5/5 loss 0.2000 accuracies 0.5000"]
+    fields = lines[0].split(" | ")
+    assert fields[1:3] == ["1,234 tokens/s", "0.25 TFLOP/s/GPU"]
+    assert fields[3].startswith("mem ") and fields[3].endswith(" GiB")
+    assert fields[4].startswith("ETA 0:00:0")
+    quiet = _Stream(tty=False)  # not rank 0
+    ProgressLog(cfg, "x", 5, 0, enabled=False, stream=quiet).update(2, {"loss": 1.0})
+    assert quiet.text == ""
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    from avr_megatron.training.metrics_log import ProgressLog
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", "train.log_interval=1"])
+    out = _Stream(tty=True)
+    p = ProgressLog(cfg, "avr train dpo", total=3, start=1, enabled=True, stream=out)
+    assert p.bar is not None
+    p.update(2, {"loss": 0.7})
+    p.close()
+    assert "avr train dpo" in out.text and "loss=0.7" in out.text and " | ETA" not in out.text
+    off = ProgressLog(load_config(None, [f"run.dir={tmp_path}", "logging.progress_bar=false"]),
+                      "x", 3, 0, enabled=True, stream=_Stream(tty=True))
+    assert off.bar is None  # progress_bar=false: plain lines even on a terminal

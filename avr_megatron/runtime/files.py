@@ -1,0 +1,152 @@
+"""Files that appear whole or not at all, and the temporaries a killed process leaves behind.
+
+A temporary is a hidden sibling named after its owner, `.NAME.<host>-<pid>.tmp` (directories:
+`.NAME.tmp-<host>-<pid>`), so any later process can tell a live writer's temporary from a dead
+one's: it is stale when it was made on this host by a process that no longer runs (or whose pid
+now belongs to a process started after the temporary was last written). Temporaries made on
+other hosts (a shared filesystem) are never touched.
+
+Files are created with mode 0666 minus the umask, like any file `open()` creates (0644 under the
+usual umask 022), so teammates can read configs and checkpoints; `tempfile.mkstemp` would give
+0600. Standard library only: synthesis (no torch, no Megatron) uses it too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+_OWNER = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)$")
+
+
+def _host() -> str:
+    """This host's name without dots (so `<owner>` never contains one and names parse)."""
+    return socket.gethostname().replace(".", "_").replace("/", "_") or "localhost"
+
+
+def owner_tag() -> str:
+    """`<host>-<pid>` of this process."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """The hidden temporary sibling this process writes `path` through."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{owner_tag()}.tmp"
+
+
+def temp_dir_path(path: str | os.PathLike) -> Path:
+    """The hidden temporary directory this process builds directory `path` in."""
+    path = Path(path)
+    return path.parent / f".{path.name}.tmp-{owner_tag()}"
+
+
+def _process_start(pid: int) -> float | None:
+    """Start time of `pid` as a Unix time (Linux /proc), or None when unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 (starttime), counted after the command name
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
+def owner_is_dead(owner: str, written_at: float) -> bool:
+    """Is the `<host>-<pid>` (or bare `<pid>`, older names) that owns a temporary last written at
+    `written_at` gone? Other hosts' owners are never declared dead."""
+    if owner.isdigit():
+        host, pid = _host(), int(owner)
+    else:
+        m = _OWNER.match(owner)
+        if m is None:
+            return False
+        host, pid = m.group("host"), int(m.group("pid"))
+    if host != _host():
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    started = _process_start(pid)
+    # A pid recycled by a process that started after the temporary was last written.
+    return started is not None and started > written_at + 1.0
+
+
+def remove_stale(directory: str | os.PathLike, pattern: str) -> list[Path]:
+    """Remove the temporaries matching the regex `pattern` (full name; its group `owner` is the
+    `<host>-<pid>`) in `directory` whose owner is dead. Returns what was removed."""
+    directory, rx = Path(directory), re.compile(pattern)
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = rx.match(entry.name)
+        if m is None:
+            continue
+        try:
+            written = entry.lstat().st_mtime
+        except OSError:
+            continue
+        if not owner_is_dead(m.group("owner"), written):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+# `.NAME.<owner>.tmp` files written by `atomic_write_*` (any NAME; bare-pid owners: older names).
+STALE_FILE = r"^\..+\.(?P<owner>[^.]+-\d+|\d+)\.tmp$"
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> Path:
+    """Write `data` to `path` through a temporary sibling renamed into place (mode 0666 minus
+    the umask). On any error the temporary is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync:
+        fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, sync: bool = True) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), sync=sync)
+

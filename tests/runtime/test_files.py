@@ -1,0 +1,47 @@
+"""Atomic writes and stale temporaries: what a killed process leaves is recognised and removed,
+a live process's temporaries (and other hosts') are left alone."""
+
+import os
+import stat
+import subprocess
+import sys
+
+from avr_megatron.runtime import files
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_atomic_write_mode_and_no_leftovers(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = files.atomic_write_text(tmp_path / "a" / "x.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "{}" and stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_only_dead_local_owners_are_stale(tmp_path):
+    host = files.owner_tag().rsplit("-", 1)[0]
+    dead, alive = _dead_pid(), os.getppid()
+    names = {f".x.json.{host}-{dead}.tmp": True, f".y.parquet.{dead}.tmp": True,  # bare pid: older
+             f".x.json.{host}-{alive}.tmp": False, f".x.json.{host}-{os.getpid()}.tmp": False,
+             f".x.json.otherhost-{dead}.tmp": False, "x.json": False, ".x.json": False}
+    for name in names:
+        (tmp_path / name).write_text("partial")
+    removed = files.remove_stale(tmp_path, files.STALE_FILE)
+    assert sorted(p.name for p in removed) == sorted(n for n, stale in names.items() if stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, s in names.items() if not s)
+
+
+def test_recycled_pid_is_stale(tmp_path):
+    """A pid now used by a process that started after the temporary was last written."""
+    host = files.owner_tag().rsplit("-", 1)[0]
+    tmp = tmp_path / f".x.json.{host}-{os.getppid()}.tmp"
+    tmp.write_text("partial")
+    os.utime(tmp, (1, 1))  # written in 1970, long before our parent started
+    assert [p.name for p in files.remove_stale(tmp_path, files.STALE_FILE)] == [tmp.name]
