@@ -11,7 +11,7 @@ stale build is never used; it is simply not found.
 Building: the data files are cut into blocks of records (about BLOCK_BYTES of JSONL, or
 BLOCK_ROWS Parquet rows), tokenised by a pool of worker processes (every core by default,
 `data.prepare_workers`), each block written atomically to `.<key>.build/`. A killed build
-resumes at the finished blocks. The blocks are then merged into `.<key>.publish-<host>-<pid>/`,
+resumes at the finished blocks. The blocks are then merged into a hidden temporary directory,
 packed, and renamed to `<key>/` in one step. One process builds at a time: ranks of a job (and
 other jobs) take an exclusive file lock (`.<key>.lock`) and the others wait for it, then map the
 result.
@@ -46,6 +46,7 @@ from avr_megatron.data.records import (
     location,
     read_span,
 )
+from avr_megatron.runtime import files as runtime_files
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,9 @@ def _build(root: Path, name: str, key: dict, settings: Settings, files: list[Pat
     """Build (or resume building) the prepared directory root/name; returns it."""
     build_dir = root / f".{name}.build"
     build_dir.mkdir(parents=True, exist_ok=True)
+    # What killed builders left half-written: block temporaries, unpublished directories.
+    runtime_files.remove_stale(build_dir, runtime_files.STALE_FILE)
+    runtime_files.remove_stale(root, rf"^\.{name}\.tmp-(?P<owner>.+-\d+)$")
     plan_file = build_dir / "blocks.json"
     if plan_file.is_file():
         blocks = [Block(b["index"], b["file_index"], Span(**b["span"]) if b["span"] else None)
@@ -317,7 +321,7 @@ def _build(root: Path, name: str, key: dict, settings: Settings, files: list[Pat
         shutil.rmtree(build_dir, ignore_errors=True)
         raise DataError(failed)
     seconds = time.time() - t0
-    publish = root / f".{name}.publish-{socket.gethostname()}-{os.getpid()}"
+    publish = runtime_files.temp_dir_path(root / name)
     shutil.rmtree(publish, ignore_errors=True)
     meta = fmt.merge_blocks(
         publish, settings.kind, [(block_path(build_dir, b.index), b.file_index) for b in blocks],

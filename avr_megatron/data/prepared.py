@@ -38,6 +38,7 @@ import numpy as np
 from avr_megatron.data.packing import PackingPlan, pack_best_fit_decreasing
 from avr_megatron.data.records import location
 from avr_megatron.data.tokenized import DataSummary, TokenizedDataset, compute_example_hash
+from avr_megatron.runtime import files as runtime_files
 
 FORMAT = "avr-megatron/prepared/1"
 META = "meta"  # JSON; no .json suffix, so a data directory holding this is not read as data
@@ -92,9 +93,7 @@ def write_block(path: Path, data: TokenizedDataset | None, read_ids: Sequence[st
             arrays["reward_gap"] = np.asarray(data.reward_gap, np.float64)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getbuffer())
-    os.replace(tmp, path)
+    runtime_files.atomic_write_bytes(path, buf.getvalue())
 
 
 def _strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:

@@ -185,11 +185,25 @@ class Trainer:
 
         state = {"stage": self.objective.name, "iteration": iteration,
                  "consumed_bins": iteration * self.cfg.train.global_batch_size,
-                 "examples_fingerprint": self.data.data.fingerprint(), **counters}
+                 "examples_fingerprint": self.data.data.fingerprint(), **counters,
+                 "lineage": self._lineage()}
         keep = self.cfg.checkpoint.keep_last or None
         return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
                                optimizer=self.optimizer, scheduler=self.scheduler, state=state,
                                keep_last=keep)
+
+    def _lineage(self) -> dict:
+        """What an exported model's card says it was trained on (see conversion/model_card)."""
+        def data(td):
+            return {"files_fingerprint": td.files_fingerprint,
+                    "examples_fingerprint": td.data.fingerprint(), "examples": len(td.data),
+                    "tokens": td.data.summary.tokens}
+
+        return {"train_iters": self.train_iters,
+                "tokenizer_fingerprint": self.data.tokenizer_fingerprint,
+                "train": data(self.data),
+                "valid": data(self.validation.data) if self.validation else None,
+                "eval": self.last_eval or None}
 
     def _evaluate(self, seq_length: int, mbs: int, n_mb: int) -> dict:
         from megatron.core import parallel_state

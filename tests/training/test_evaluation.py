@@ -61,7 +61,11 @@ def _case(tmp):
                      "train.global_batch_size=14", "train.train_iters=2", f"run.dir={tmp / 'dpo'}"]
     stores = run_logps(load_config(None, base), progress=False)
     out["stores"] = [str(p) for p, _ in stores]
-    result = run_dpo(load_config(None, base + ["train.eval_interval=1"]), progress=False)
+    result = run_dpo(load_config(None, base + ["train.eval_interval=1", "checkpoint.save_final=true",
+                                               f"checkpoint.export_hf={tmp / 'hf'}"]),
+                     progress=False)
+    out["card"] = (tmp / "hf" / "README.md").read_text()
+    out["exported"] = sorted(p.name for p in (tmp / "hf").iterdir())
     out["dpo_rows"] = [json.loads(x) for x in
                        (tmp / "dpo" / "metrics.jsonl").read_text().splitlines()]
     out["dpo_summary_eval"] = result.summary["eval"]
@@ -91,6 +95,13 @@ def test_validation_matches_training_metrics_and_is_logged(tmp_path):
         assert padded[f"eval/{k}"] == pytest.approx(plain[f"eval/{k}"], rel=1e-6, abs=1e-9), k
     assert [("eval/loss" in row) for row in r["dpo_rows"]] == [True, True]
     assert r["dpo_summary_eval"]["eval/loss"] == r["dpo_rows"][-1]["eval/loss"]
+    card, fp = r["card"], r["dpo_summary_eval"]
+    assert "avr_config.yaml" in r["exported"] and "model.safetensors" in r["exported"]
+    assert "preference optimisation" in card and "iteration 2 of 2" in card
+    assert "iter_0000005" in card and "reference model" in card and "iter_0000001" in card
+    assert str(tmp_path / "valid" / "pairs.jsonl") in card and "14 examples" in card
+    assert f"| eval/loss | {fp['eval/loss']:.6g} |" in card
+    assert "| loss | sigmoid, beta 0.5" in card
     sft = r["sft_rows"]
     assert [row["iteration"] for row in sft if "eval/loss" in row] == [2, 4, 5]
     assert sft[-1]["eval/loss"] < sft[1]["eval/loss"]  # learning shows on held-out data
