@@ -55,10 +55,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def chunk_key(i: int, num_chunks: int) -> str:
+    """The state-dict key of model chunk i (Megatron's: `model`, or `model0`, `model1`, ...
+    with virtual pipeline stages). Look chunks up by index, never by sorting these strings:
+    `model10` sorts before `model2`."""
+    return "model" if num_chunks == 1 else f"model{i}"
+
+
 def _model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
-    if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    return {chunk_key(i, len(chunks)): unwrap(c).sharded_state_dict()
+            for i, c in enumerate(chunks)}
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -261,8 +267,8 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                             metadata=_OPTIM_METADATA)
     loaded = dist_checkpointing.load(sharded, str(ckpt))
-    for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), chunks):
-        unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded[chunk_key(i, len(chunks))], strict=strict)
     if optimizer is not None:
         # fp32 runs: the distributed optimizer's main params are views of the model params, and
         # Megatron copies into them outside no_grad.

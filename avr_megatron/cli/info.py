@@ -39,11 +39,15 @@ def _code_paths() -> tuple[dict, dict]:
     import torch
 
     cuda = torch.cuda.is_available()
-    te_ok, te_reason = False, "needs megatron-core"
+    te_ok, te_reason, grad_fusion = False, "needs megatron-core", False
     if importlib.util.find_spec("megatron") is not None:
-        from avr_megatron.models.llama import transformer_engine_status
+        from avr_megatron.models.llama import (
+            grad_accumulation_fusion_available,
+            transformer_engine_status,
+        )
 
         te_ok, te_reason = transformer_engine_status()
+        grad_fusion = grad_accumulation_fusion_available()
     fp8_ok, fp8_reason = False, "needs Transformer Engine"
     if te_ok:
         major, minor = torch.cuda.get_device_capability()
@@ -55,6 +59,7 @@ def _code_paths() -> tuple[dict, dict]:
         "layer_spec": "transformer_engine" if te_ok else "local",
         "transformer_engine": te_reason,
         "fp8": fp8_ok, "fp8_detail": fp8_reason,
+        "gradient_accumulation_fusion": grad_fusion,
         "distributed_backend": "nccl" if cuda else "gloo",
         "cpu_compat_layer": "inactive (CUDA present)" if cuda
         else "active when a model is built (avr_megatron/runtime/cpu_compat.py)",

@@ -344,14 +344,16 @@ class SynthFieldsConfig:
     id: Optional[str] = None
     # The prompt column.
     prompt: str = "prompt"
-    # Optional first answer y0: a string, or a conversation ending with the assistant's answer.
-    # None: y0 is sampled from the policy.
+    # Optional stage-1 first answer y0: a string, or a conversation ending with the assistant's
+    # answer. None: stage 1 samples y0 from the policy (the reference).
     answer: Optional[str] = None
     # Optional system prompt (a string) put before the prompt.
     system: Optional[str] = None
-    # Optional plain SFT conversation (ending with an assistant turn, or a string answering the
-    # prompt) for `synth.pairs.mix_source_sft`.
-    sft: Optional[str] = None
+    # Optional chosen answer of a preference set (UltraFeedback style: a conversation ending with
+    # the chosen assistant turn, whose earlier turns are the prompt; or a string answering the
+    # prompt). The stage-2 search starts from it (synth.stage2.start) and
+    # synth.pairs.mix_source_chosen mixes these conversations into the RSFT data.
+    chosen: Optional[str] = None
 
 
 @dataclass
@@ -363,7 +365,7 @@ class SynthInputConfig:
     format: str = "auto"
     # Dataset split (disk and hub datasets).
     split: str = "train"
-    # Which columns hold the id, prompt, answer, system prompt and SFT conversation.
+    # Which columns hold the id, prompt, stage-1 answer, system prompt and chosen answer.
     fields: SynthFieldsConfig = field(default_factory=SynthFieldsConfig)
     # Use only the first `limit` rows.
     limit: Optional[int] = None
@@ -398,6 +400,11 @@ class SynthStage2Config:
     max_rounds: int = 5
     # 1 is the paper's greedy search; > 1 keeps the top-b answers of each round.
     beam_width: int = 1
+    # Where the search starts. chosen (the reference): the source set's chosen answer
+    # (synth.input.fields.chosen, required: `avr synth stage2` and `avr pipeline` refuse to
+    # start without it), and thought pairs must beat its reward; sample: a fresh y0 sampled from
+    # the stage-1 model.
+    start: str = "chosen"
 
 
 @dataclass
@@ -428,15 +435,25 @@ class SynthFiltersConfig:
     length_extra_chars: int = 400
     # Length filter: the ratio half of the rule (see length_extra_chars).
     length_ratio: float = 1.2
-    # Beyond the note: also apply the repetition filter to thought SFT examples and thought pairs.
+    # [reference] skip a thought SFT example whose first answer (y0) is degenerate; false keeps it.
+    thought_sft_y0: bool = True
+    # Beyond the reference: also apply the repetition filter to every section of thought SFT
+    # examples and thought pairs.
     filter_thoughts: bool = False
 
 
 @dataclass
 class SynthPairsConfig:
-    # Mix the source dataset's own SFT conversations (synth.input.fields.sft) into the RSFT data,
-    # as the reference did.
-    mix_source_sft: bool = False
+    # Stage-1 pair rules. reference (the authors' code, the paper's numbers): per prompt in order,
+    # response pair, then the criticism conditions, then the improvement pair, each failed step
+    # dropping what follows; criticisms grouped by text; ties as the reference breaks them.
+    # independent: each pair type judged on its own (per criticism slot, first on ties, plus
+    # same-text checks), as this project did before.
+    gating: str = "reference"
+    # Mix the source set's chosen conversations (synth.input.fields.chosen, which must be set)
+    # into the RSFT data, except those that are the (x, y0) of an RSFT example; the reference
+    # did (on in the full-scale recipes).
+    mix_source_chosen: bool = False
 
 
 @dataclass
@@ -463,6 +480,9 @@ class SynthConfig:
     templates: Dict[str, str] = field(default_factory=dict)
     # Criticism samples per slot until one has a [[n]] rating; y0 samples while blank.
     max_rating_tries: int = 5
+    # Which [[n]] of a criticism is its rating: first (the reference: the first [[digits]], valid
+    # when 1..10) | last (the last valid [[n]]).
+    rating_parse: str = "first"
     # Samples of the first answer y0 while it comes back blank.
     max_answer_tries: int = 5
     # Prompts per frontier round: every pending request of these prompts goes to the engine

@@ -261,6 +261,12 @@ def _synth(cfg: AvrConfig) -> list[str]:
     if s.input.limit is not None and s.input.limit < 1:
         errs.append(f"synth.input.limit={s.input.limit} must be >= 1 (or null)")
     errs += _choice(s.output_format, "synth.output_format", ("parquet", "jsonl"))
+    errs += _choice(s.rating_parse, "synth.rating_parse", ("first", "last"))
+    errs += _choice(s.pairs.gating, "synth.pairs.gating", ("reference", "independent"))
+    errs += _choice(s.stage2.start, "synth.stage2.start", ("chosen", "sample"))
+    if s.pairs.mix_source_chosen and s.input.fields.chosen is None:
+        errs.append("synth.pairs.mix_source_chosen=true needs synth.input.fields.chosen (the chosen column of the "
+                    "source preference set); for a prompt-only set, set synth.pairs.mix_source_chosen=false")
     for key, value in (("synth.stage1.k", s.stage1.k), ("synth.stage1.m", s.stage1.m),
                        ("synth.stage2.k", s.stage2.k), ("synth.stage2.m", s.stage2.m),
                        ("synth.stage2.max_rounds", s.stage2.max_rounds),
@@ -293,6 +299,16 @@ def _synth(cfg: AvrConfig) -> list[str]:
                 msg = msg.replace("sampling.", f"{prefix}.", 1).replace("filters.", f"{prefix}.", 1)
             errs.append(msg)
     return errs
+
+
+def check_stage2_start(cfg: AvrConfig) -> None:
+    """synth.stage2.start=chosen (the reference) needs the source set's chosen answers. Checked by
+    `avr synth stage2` and, for its stage, by `avr pipeline` before any stage runs (not by
+    validate_config: recipes that never run stage 2 need no chosen column)."""
+    if cfg.synth.stage2.start == "chosen" and cfg.synth.input.fields.chosen is None:
+        raise ConfigError("synth.stage2.start=chosen: the stage-2 search starts from the source set's chosen answer "
+                          "(the reference), but synth.input.fields.chosen is not set; name the chosen column, or "
+                          "set synth.stage2.start=sample to start from a fresh answer of the stage-1 model")
 
 
 @rule

@@ -94,8 +94,10 @@ class ServerChatEngine:
 
     def _one(self, r: GenerateRequest) -> tuple[list[str], dict[str, int]]:
         s = r.sampling
+        # vLLM refuses n > 1 with greedy decoding; the n greedy replies are one reply repeated.
+        n = 1 if s.temperature == 0 else r.n
         payload: dict[str, Any] = {
-            "model": self.client.model, "messages": [dict(m) for m in r.messages], "n": r.n,
+            "model": self.client.model, "messages": [dict(m) for m in r.messages], "n": n,
             "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
         }
         if s.seed is not None:
@@ -107,9 +109,9 @@ class ServerChatEngine:
                 return [""] * r.n, {"prompt_too_long": r.n}
             raise
         choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
-        if len(choices) != r.n:
-            raise ServerError(f"request {r.key!r}: asked for n={r.n} choices, the server returned {len(choices)}")
-        texts = [(c.get("message") or {}).get("content") or "" for c in choices]
+        if len(choices) != n:
+            raise ServerError(f"request {r.key!r}: asked for n={n} choices, the server returned {len(choices)}")
+        texts = [(c.get("message") or {}).get("content") or "" for c in choices] * (r.n // n)
         usage = answer.get("usage") or {}
         return texts, {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
                        "generated_tokens": int(usage.get("completion_tokens") or 0)}

@@ -75,7 +75,8 @@ class VllmChatEngine:
                 continue
             s = r.sampling
             prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(SamplingParams(n=r.n, temperature=s.temperature, top_p=s.top_p,
+            # vLLM refuses n > 1 with greedy decoding; the n greedy replies are one reply repeated.
+            params.append(SamplingParams(n=1 if s.temperature == 0 else r.n, temperature=s.temperature, top_p=s.top_p,
                                          max_tokens=min(s.max_tokens, room), seed=s.seed, detokenize=False))
             index.append(i)
             self.stats["prompt_tokens"] += len(ids)
@@ -83,8 +84,9 @@ class VllmChatEngine:
             results = self.llm.generate(prompts, params, use_tqdm=False)
             for i, result in zip(index, results):
                 completions = sorted(result.outputs, key=lambda c: c.index)
-                out[i] = [[t for t in c.token_ids if t not in self.eos_ids] for c in completions]
                 self.stats["generated_tokens"] += sum(len(c.token_ids) for c in completions)
+                completions = completions * (requests[i].n // len(completions))  # greedy: n copies
+                out[i] = [[t for t in c.token_ids if t not in self.eos_ids] for c in completions]
         self.stats["calls"] += 1
         self.stats["requests"] += len(requests)
         self.stats["samples"] += sum(r.n for r in requests)

@@ -1,7 +1,8 @@
 """One refinement round over a set of answers, shared by stage 1 (one round of y0) and the stage-2
 search (one round per step of the beam): k criticisms of each answer, resampled until a rating
-parses (at most `max_rating_tries` samples per criticism, then the criticism is dropped), m
-improvements per surviving criticism, a reward for each non-blank improvement.
+parses (`rating_parse`, see avr_megatron.method.ratings; at most `max_rating_tries` samples per
+criticism, then the criticism is dropped), m improvements per surviving criticism, a reward for
+each non-blank improvement.
 
 `RefinerBase` adds what both machines do first: generate y0 when none is given (resampling a
 blank one) and score it when its reward is unknown; scoring y0 runs alongside round 1.
@@ -16,7 +17,7 @@ from avr_megatron.method import _check
 from avr_megatron.method.chat import Message, check_text, message, validate_conversation
 from avr_megatron.method.machine import RequestMachine
 from avr_megatron.method.prompts import PromptTemplates
-from avr_megatron.method.ratings import extract_rating
+from avr_megatron.method.ratings import RATING_PARSES, extract_rating
 from avr_megatron.method.requests import GenerateRequest, Request, SamplingParams, ScoreRequest, make_key
 from avr_megatron.method.rewards import check_reward
 from avr_megatron.method.tree import ROOT_ID, Provenance, RefinementNode, RefinementTree
@@ -51,12 +52,14 @@ class Expansion:
         sampling: SamplingParams,
         max_rating_tries: int,
         on_done: Callable[[], None],
+        rating_parse: str = "first",
     ) -> None:
         self._issue_raw = issue
         self.prompt_id, self.stage, self.x = prompt_id, stage, x
         self.parents = list(parents)
         self.round_no, self.k, self.m = round_no, k, m
         self.templates, self.sampling, self.max_rating_tries = templates, sampling, max_rating_tries
+        self.rating_parse = rating_parse
         self._on_done = on_done
         self._open = 0
         self._new: list[list[tuple[tuple[int, int], RefinementNode]]] = [[] for _ in self.parents]
@@ -94,7 +97,7 @@ class Expansion:
     def _on_criticisms(self, b: int, slots: list[int], tries: int, key: str, texts: list[str]) -> None:
         parent, missing = self.parents[b], []
         for j, (slot, text) in enumerate(zip(slots, texts)):
-            rating = extract_rating(text)
+            rating = extract_rating(text, self.rating_parse)
             if rating is not None:
                 self._ask_improvements(b, slot, text, rating, tries, f"{key}#{j}")
             elif tries < self.max_rating_tries:
@@ -165,6 +168,7 @@ class RefinerBase(RequestMachine):
         templates: PromptTemplates,
         max_rating_tries: int,
         max_answer_tries: int,
+        rating_parse: str = "first",
     ) -> None:
         super().__init__(f"prompt {prompt_id!r}")
         _check.string(prompt_id, "prompt_id")
@@ -174,6 +178,9 @@ class RefinerBase(RequestMachine):
         self.m = _check.integer(m, "m", minimum=1)
         self.max_rating_tries = _check.integer(max_rating_tries, "max_rating_tries", minimum=1)
         self.max_answer_tries = _check.integer(max_answer_tries, "max_answer_tries", minimum=1)
+        if rating_parse not in RATING_PARSES:
+            raise ValueError(f"rating_parse: expected one of {', '.join(RATING_PARSES)}, got {rating_parse!r}")
+        self.rating_parse = rating_parse
         if not isinstance(provenance, Provenance):
             raise ValueError(f"prompt {prompt_id!r}: provenance: expected Provenance")
         if not isinstance(templates, PromptTemplates):
@@ -240,6 +247,7 @@ class RefinerBase(RequestMachine):
             sampling=self.provenance.sampling,
             max_rating_tries=self.max_rating_tries,
             on_done=self._progress,
+            rating_parse=self.rating_parse,
         )
         expansion.start()
         return expansion

@@ -13,17 +13,21 @@ from typing import Any, Mapping
 REPETITION = "repetition"
 LENGTH = "length"
 
-# Words: maximal runs of letters, compared lowercased. Digit/symbol runs: maximal runs of
-# characters that are neither letters nor whitespace, read with all whitespace removed first (so
-# "1 2 3" is one run "123", and each "." between words is a run ".").
-_WORD = re.compile(r"[^\W\d_]+")
-_DIGIT_SYMBOL_RUN = re.compile(r"[\W\d_]+")
-_SPACE = re.compile(r"\s+")
+# The authors' degenerate-text check, exactly (reference behaviour):
+# (a) remove the spaces (only " "), then every maximal run of digits / non-word characters
+#     (`[\d\W]+`, so newlines and other whitespace count) is a token;
+# (b) a text with a Latin letter (a-z, A-Z) is split into words `\b\w+\b` of its lowercased form;
+#     any other text (CJK, digits and symbols only) into single characters, spaces included.
+# A text is degenerate when any token of (a) or of (b) occurs `repetition_threshold` times or more.
+_DIGIT_SYMBOL_RUN = re.compile(r"[\d\W]+")
+_LATIN = re.compile(r"[a-zA-Z]")
+_WORD = re.compile(r"\b\w+\b")
 
 
 @dataclass(frozen=True)
 class FilterConfig:
-    # A text is degenerate when one word, or one digit/symbol run, occurs this many times or more.
+    # A text is degenerate when one digit/symbol run or word (character, for text without Latin
+    # letters) occurs this many times or more (the reference: 60).
     repetition_threshold: int = 60
     # RSFT: drop an improvement that is BOTH this many characters longer than y0 ...
     length_extra_chars: int = 400
@@ -58,17 +62,25 @@ class FilterConfig:
         return asdict(self)
 
 
-def most_repeated(text: str) -> tuple[str, int] | None:
-    """The most frequent word or digit/symbol run of `text` and its count (None if it has neither)."""
-    counts = Counter(w.lower() for w in _WORD.findall(text))
-    counts.update(_DIGIT_SYMBOL_RUN.findall(_SPACE.sub("", text)))
+def _most_common(tokens: list[str]) -> tuple[str, int] | None:
+    counts = Counter(tokens)
     if not counts:
         return None
     return max(counts.items(), key=lambda item: (item[1], item[0]))
 
 
+def most_repeated(text: str) -> tuple[str, int] | None:
+    """The most frequent token of `text` under either rule of the check (see above) and its count
+    (None if the text has no token): a digit/symbol run, a word, or a character."""
+    runs = _most_common(_DIGIT_SYMBOL_RUN.findall(text.replace(" ", "")))
+    words = _most_common(_WORD.findall(text.lower()) if _LATIN.search(text) else list(text))
+    found = [t for t in (runs, words) if t is not None]
+    return max(found, key=lambda item: item[1]) if found else None
+
+
 def repetition_reason(text: str, config: FilterConfig = FilterConfig()) -> str | None:
-    """`"repetition"` when some word or digit/symbol run occurs >= `repetition_threshold` times."""
+    """`"repetition"` when some digit/symbol run, word (or, for text without Latin letters,
+    character) occurs >= `repetition_threshold` times."""
     if not isinstance(text, str):
         raise ValueError(f"repetition filter: expected a string, got {type(text).__name__}")
     top = most_repeated(text)

@@ -18,7 +18,8 @@ texts were sampled and scored; `seed` is the base seed (per-request seeds derive
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from avr_megatron.method import _check
@@ -189,3 +190,23 @@ def validate_preference_record(record: Any, where: str = "preference record") ->
     if d["reward_gap"] != d["reward_chosen"] - d["reward_rejected"]:
         raise ValueError(f"{where}.reward_gap: must equal reward_chosen - reward_rejected")
     return d
+
+
+def content_key(record: dict[str, Any]) -> str:
+    """What training sees of a record: the conversation (SFT) or prompt, chosen and rejected
+    (pairs). Two records with one key are duplicates whatever their ids and metadata."""
+    if "messages" in record:
+        return json.dumps(record["messages"], ensure_ascii=False)
+    return json.dumps([record["prompt"], record["chosen"], record["rejected"]], ensure_ascii=False)
+
+
+def deduplicate(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(first record of each content, the later duplicates), in input order (the reference
+    de-duplicated every dataset it wrote)."""
+    seen: set[str] = set()
+    kept, dropped = [], []
+    for record in records:
+        key = content_key(record)
+        (dropped if key in seen else kept).append(record)
+        seen.add(key)
+    return kept, dropped

@@ -131,6 +131,7 @@ class RefinementSearch(RefinerBase):
         templates: PromptTemplates = PromptTemplates(),
         max_rating_tries: int = 5,
         max_answer_tries: int = 5,
+        rating_parse: str = "first",
     ) -> None:
         self.max_rounds = _check.integer(max_rounds, "max_rounds", minimum=1)
         self.beam_width = _check.integer(beam_width, "beam_width", minimum=1)
@@ -141,6 +142,7 @@ class RefinementSearch(RefinerBase):
         super().__init__(
             prompt_id, x, y0, r0, stage=STAGE, k=k, m=m, provenance=provenance, templates=templates,
             max_rating_tries=max_rating_tries, max_answer_tries=max_answer_tries,
+            rating_parse=rating_parse,
         )
 
     @property

@@ -57,12 +57,19 @@ def thought_sft_example(
     result: SearchResult,
     templates: PromptTemplates | None = None,
     filters: FilterConfig | None = None,
+    y0_filter: FilterConfig | None = None,
 ) -> tuple[dict[str, Any] | None, str | None]:
     """The SFT record `[*x, assistant <thought>]` of a search, or (None, reason).
 
-    `templates` default to the ones the search sampled with. `filters`, when given (the note does
-    not filter thoughts), also drop thoughts with a degenerate answer or criticism.
+    `templates` default to the ones the search sampled with. `y0_filter`, when given (the
+    reference), skips a search whose first answer is degenerate, before any other rule.
+    `filters`, when given (beyond the reference), also drop thoughts with a degenerate answer or
+    criticism.
     """
+    if not isinstance(result, SearchResult):
+        raise ValueError(f"expected a SearchResult, got {type(result).__name__}")
+    if y0_filter is not None and repetition_reason(result.tree.root.answer, y0_filter):
+        return None, "thought_sft:y0_repetition"
     thought, reason = thought_from_search(result)
     if thought is None:
         return None, reason

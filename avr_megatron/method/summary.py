@@ -105,6 +105,11 @@ class RunSummary:
     def pairs_by_type(self) -> dict[str, int]:
         return {t: self.accepted.get(t, 0) for t in PAIR_TYPES}
 
+    @property
+    def duplicates_removed(self) -> dict[str, int]:
+        """Records dropped as copies of an earlier one, per output (rejections "<output>:duplicate")."""
+        return {r.split(":", 1)[0]: n for r, n in sorted(self.rejected.items()) if r.endswith(":duplicate")}
+
     def mean_gain_by_round(self) -> dict[int, float]:
         return {r: self.gain_sum[r] / self.gain_count[r] for r in sorted(self.gain_count) if self.gain_count[r]}
 
@@ -124,6 +129,7 @@ class RunSummary:
         return {
             **self.to_dict(),
             "pairs_by_type": self.pairs_by_type,
+            "duplicates_removed": self.duplicates_removed,
             "mean_gain_by_round": {str(r): g for r, g in self.mean_gain_by_round().items()},
             "acceptance": self.acceptance(),
         }

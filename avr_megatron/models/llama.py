@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from avr_megatron.config import AvrConfig, ConfigError
 from avr_megatron.config.schema import ModelConfig, RopeScalingConfig
+from avr_megatron.runtime.device import device, on_gpu
 
 
 def padded_vocab_size(m: ModelConfig) -> int:
@@ -36,6 +37,23 @@ def transformer_engine_status() -> tuple[bool, str]:
     except Exception as e:  # a broken install (missing cuDNN, ABI mismatch) is common
         return False, f"import transformer_engine.pytorch failed: {e}"
     return True, "available"
+
+
+@lru_cache(maxsize=1)
+def grad_accumulation_fusion_available() -> bool:
+    """Whether Megatron's gradient-accumulation fusion (weight gradients accumulated straight
+    into the fp32 `main_grad` buffers) can be on. It is one flag for every linear layer:
+    Transformer Engine's linears fuse natively (they only need the `main_grad` that Megatron's
+    DDP attaches), but Megatron's own ColumnParallelLinear / RowParallelLinear (the output
+    layer on every spec; all linears on the local spec) call APEX's fused_weight_gradient_mlp_cuda
+    kernel, and ColumnParallelLinear refuses to build without it. So: a GPU and that kernel."""
+    if not on_gpu():
+        return False
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401  (APEX, built with --cuda_ext)
+    except ImportError:
+        return False
+    return True
 
 
 def uses_transformer_engine(cfg: AvrConfig) -> bool:
@@ -84,7 +102,7 @@ def _backend() -> str:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_backend()
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if on_gpu() else "gloo"
 
 
 def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
@@ -93,7 +111,7 @@ def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
     m, p, pr = cfg.model, cfg.parallel, cfg.precision
     if use_te is None:
         use_te = uses_transformer_engine(cfg)
-    on_gpu = torch.cuda.is_available()
+    gpu = on_gpu()
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -126,10 +144,10 @@ def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
         masked_softmax_fusion=use_te,
         apply_rope_fusion=use_te,
         persist_layer_norm=use_te,
-        gradient_accumulation_fusion=use_te,
+        gradient_accumulation_fusion=grad_accumulation_fusion_available(),
         cross_entropy_loss_fusion=False,
         # Initialise the full weight then slice it: same weights for any TP size; required on CPU.
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=not gpu,
         recompute_granularity=m.recompute_granularity,
         recompute_method=m.recompute_method,
         recompute_num_layers=m.recompute_num_layers,
@@ -195,8 +213,8 @@ def build_model(cfg: AvrConfig, *, wrap_fp16: bool = True) -> list[torch.nn.Modu
             model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
         for param in model.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
+        if on_gpu():
+            model.to(device())
         if wrap_fp16 and cfg.precision.bf16:
             model = Float16Module(tcfg, model)
         chunks.append(model)

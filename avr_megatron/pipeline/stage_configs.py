@@ -19,6 +19,7 @@ from typing import Any
 
 from avr_megatron.config.errors import ConfigError
 from avr_megatron.config.schema import AvrConfig
+from avr_megatron.config.validate import check_stage2_start
 from avr_megatron.pipeline.graph import BY_NAME, STAGES, Stage
 
 # Synthesis output root and dataset root of each synthesis / pairs stage.
@@ -159,6 +160,11 @@ def plan_stages(cfg: AvrConfig, stages: list[Stage] | None = None) -> list[Stage
     for stage in STAGES:
         wiring, inputs, outputs = _wiring(stage, cfg, root)
         stage_cfg = _stage_config(cfg, stage, wiring)
+        if stage.command == ("synth", "stage2"):
+            try:
+                check_stage2_start(stage_cfg)
+            except ConfigError as e:
+                raise ConfigError(f"stage {stage.name} (recipe + pipeline.stages.{stage.name}): {e}") from None
         d = root / "stages" / stage.name
         plans.append(StagePlan(stage, stage_cfg, d, d / "stage.yaml", tuple(inputs), tuple(outputs),
                                model_dir(cfg, stage.name) if stage.exports_model else None))

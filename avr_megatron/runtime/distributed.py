@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from avr_megatron.config import AvrConfig, ConfigError
 from avr_megatron.runtime import cpu_compat
+from avr_megatron.runtime.device import on_gpu
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,8 @@ def initialize(cfg: AvrConfig, timeout_minutes: int = 30) -> ParallelLayout:
     env = detect_launch_env()
     layout = layout_for(cfg, env.world_size)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
+        backend = "nccl" if on_gpu() else "gloo"
+        if on_gpu():
             torch.cuda.set_device(env.local_rank)
         dist.init_process_group(
             backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",

@@ -13,16 +13,18 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from avr_megatron.config.errors import ConfigError
 from avr_megatron.config.schema import AvrConfig
+from avr_megatron.config.validate import check_stage2_start
 from avr_megatron.method.frontier import run_frontier
 from avr_megatron.method.summary import RunSummary
 from avr_megatron.method.tree import Provenance
 from avr_megatron.synth.fallback import CriticismCounter
-from avr_megatron.synth.inputs import InvalidRecord, load_prompts
+from avr_megatron.synth.inputs import InvalidRecord, PromptRecord, load_prompts
 from avr_megatron.synth.lengths import PromptLengthCheck
 from avr_megatron.synth.stages import STAGES, Stage, WorkItem, sampling_of, templates_of, thought_sampling_of
 from avr_megatron.synth.store import ShardStore, atomic_write_json, read_output
@@ -42,8 +44,19 @@ def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
     """This shard's work items, the invalid source records, and a description of the input."""
     if kind in ("stage1", "stage2"):
         lengths = PromptLengthCheck(cfg, sampling_of(cfg).max_tokens)
-        loaded = load_prompts(cfg.synth.input, shard, check=lengths)
-        items = [WorkItem(r.row, r.prompt_id, r.x, r.y0, r.sft) for r in loaded.records]
+        if kind == "stage1":
+            loaded = load_prompts(cfg.synth.input, shard, check=lengths)
+            items = [WorkItem(r.row, r.prompt_id, r.x, r.y0, r.chosen) for r in loaded.records]
+        else:  # the search starts from the source set's chosen answer (start=chosen) or a fresh sample
+            check_stage2_start(cfg)  # before reading the input or loading a model
+
+            def start_of(r: PromptRecord) -> PromptRecord:
+                chosen = cfg.synth.stage2.start == "chosen" and r.chosen
+                return replace(r, y0=r.chosen[-1]["content"] if chosen else None)
+
+            lengths.answer_field = cfg.synth.input.fields.chosen  # the answer the reward model scores
+            loaded = load_prompts(cfg.synth.input, shard, check=lambda r: lengths(start_of(r)))
+            items = [WorkItem(r.row, r.prompt_id, r.x, start_of(r).y0) for r in loaded.records]
         fields = {k: v for k, v in vars(cfg.synth.input.fields).items()}
         source = {"path": loaded.source, "fields": fields, "limit": cfg.synth.input.limit, "digest": loaded.digest,
                   "lengths": lengths.limits()}
@@ -224,7 +237,11 @@ def print_report(report: dict[str, Any], file=None) -> None:
         rules = ", ".join(f"{k}={v}" for k, v in row["rejected"].items()) or "-"
         w(f"  {output:<12} accepted {row['accepted']:>6}  ({rate:>6})  rejected: {rules}\n")
     pairs = r.get("pairs_by_type") or {}
-    w("pairs by type: " + "  ".join(f"{k}={v}" for k, v in pairs.items()) + "\n")
+    rules = f" (stage-1 pair rules: {report['pair_rules']})" if report.get("pair_rules") else ""
+    w("pairs by type: " + "  ".join(f"{k}={v}" for k, v in pairs.items()) + rules + "\n")
+    duplicates = r.get("duplicates_removed") or {}
+    if duplicates:
+        w("duplicates removed: " + "  ".join(f"{k}={v}" for k, v in duplicates.items()) + "\n")
     events = {k: v for k, v in (r.get("events") or {}).items()}
     if events:
         w("events: " + "  ".join(f"{k}={v}" for k, v in events.items()) + "\n")

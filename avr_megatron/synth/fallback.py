@@ -32,6 +32,14 @@ def with_final_answer(text: str, templates: PromptTemplates) -> str | None:
                       f"{templates.final_answer_prefix} {THOUGHT_MARK}", body])
 
 
+def with_rating(text: str, rating: int, parse: str) -> str:
+    """`text` with a marked `[[rating]]` line appended, or put first when an earlier bracketed
+    number that is no rating would still decide under `parse` ("first")."""
+    line = f"{MARK} Score: [[{rating}]]"
+    appended = f"{text.rstrip()}\n{line}".lstrip("\n")
+    return appended if extract_rating(appended, parse) == rating else f"{line}\n{text}"
+
+
 def fallback_rating(key: str, index: int) -> int:
     return 1 + int.from_bytes(hashlib.sha256(f"{key}#{index}".encode()).digest()[:4], "big") % 10
 
@@ -39,8 +47,10 @@ def fallback_rating(key: str, index: int) -> int:
 class CriticismCounter:
     """Counts criticism samples per prompt and, when `enabled`, applies the fallback."""
 
-    def __init__(self, templates: PromptTemplates, enabled: bool, thought_fallback: bool = False) -> None:
+    def __init__(self, templates: PromptTemplates, enabled: bool, thought_fallback: bool = False,
+                 rating_parse: str = "first") -> None:
         self.templates = templates
+        self.rating_parse = rating_parse
         self.criticise = templates.criticise
         self.enabled = enabled
         self.thought_fallback = thought_fallback
@@ -60,8 +70,8 @@ class CriticismCounter:
             if not self.enabled:
                 continue
             for j, text in enumerate(texts):
-                if extract_rating(text) is None:
-                    texts[j] = f"{text.rstrip()}\n{MARK} Score: [[{fallback_rating(request.key, j)}]]".lstrip("\n")
+                if extract_rating(text, self.rating_parse) is None:
+                    texts[j] = with_rating(text, fallback_rating(request.key, j), self.rating_parse)
                     self.fired[prompt_id] += 1
         return outputs
 

@@ -1,4 +1,4 @@
-"""Synthesis input: prompts (and optional first answers / SFT conversations) from a JSONL or Parquet
+"""Synthesis input: prompts (and optional first answers / chosen answers) from a JSONL or Parquet
 file, a directory of them, a `save_to_disk` dataset or a hub dataset, through the field mapping in
 `synth.input.fields`.
 
@@ -36,8 +36,9 @@ class PromptRecord:
     prompt_id: str
     x: list[Message]
     y0: str | None = None
-    # The source's own SFT conversation (ends with the assistant turn), for the RSFT mix-in.
-    sft: list[Message] | None = None
+    # The source set's chosen conversation ([*x, chosen answer]): the stage-2 start and the RSFT
+    # mix-in.
+    chosen: list[Message] | None = None
 
 
 @dataclass(frozen=True)
@@ -248,13 +249,19 @@ def _answer(value: Any, name: str) -> str:
         raise _Invalid(name, str(e)) from None
 
 
-def _sft(value: Any, name: str, x: list[Message]) -> list[Message]:
+def _chosen(value: Any, name: str, x: list[Message], system: bool) -> list[Message]:
+    """[*x, chosen answer]. A conversation must hold the prompt before its answer (its own turns
+    are kept, as the reference mixed them in; without the system turn of synth.input.fields.system
+    when that added one)."""
     if isinstance(value, str):
         return [*x, message("assistant", _answer(value, name))]
     try:
-        return validate_conversation(value, name, last_role="assistant")
+        conv = validate_conversation(value, name, last_role="assistant")
     except ValueError as e:
         raise _Invalid(name, str(e)) from None
+    if conv[:-1] != x and not (system and conv[:-1] == x[1:]):
+        raise _Invalid(name, f"field {name!r}: the turns before the chosen answer differ from the prompt")
+    return conv
 
 
 def parse_row(row: Any, index: int, cfg: SynthInputConfig) -> PromptRecord:
@@ -279,10 +286,10 @@ def parse_row(row: Any, index: int, cfg: SynthInputConfig) -> PromptRecord:
             raise _Invalid(f.system, f"field {f.prompt!r} already starts with a system message")
         x = [message("system", system), *x]
     y0 = _answer(_get(row, f.answer), f.answer) if f.answer is not None else None
-    sft = _sft(_get(row, f.sft), f.sft, x) if f.sft is not None else None
-    for name, value in ((f.prompt, x), (f.answer, y0), (f.sft, sft)):
+    chosen = _chosen(_get(row, f.chosen), f.chosen, x, f.system is not None) if f.chosen is not None else None
+    for name, value in ((f.prompt, x), (f.answer, y0), (f.chosen, chosen)):
         _check_encodable(value, name)
-    return PromptRecord(index, prompt_id, x, y0, sft)
+    return PromptRecord(index, prompt_id, x, y0, chosen)
 
 
 def _check_encodable(value: Any, name: str | None) -> None:
@@ -305,7 +312,7 @@ def _row_id(row: Any, cfg: SynthInputConfig) -> str | None:
 
 
 def _digest_update(h, r: PromptRecord) -> None:
-    h.update(json.dumps([r.row, r.prompt_id, r.x, r.y0, r.sft], ensure_ascii=False).encode())
+    h.update(json.dumps([r.row, r.prompt_id, r.x, r.y0, r.chosen], ensure_ascii=False).encode())
 
 
 # check(record) -> None when the record can be worked on, else (field, reason) to list it invalid.

@@ -1,12 +1,13 @@
 """`avr pairs stage1|stage2`: the SFT and preference datasets built from finished synthesis output.
 
-stage1: <data_dir>/stage1/sft (RSFT conversations, plus the source set's own SFT conversations
-        with synth.pairs.mix_source_sft) and <data_dir>/stage1/preference (response, criticism and
-        improvement pairs).
+stage1: <data_dir>/stage1/sft (RSFT conversations, plus the source set's chosen conversations
+        with synth.pairs.mix_source_chosen; shuffled with run.seed) and <data_dir>/stage1/preference
+        (response, criticism and improvement pairs under synth.pairs.gating).
 stage2: <data_dir>/stage2/sft (long-thought SFT examples from the stage-2 searches) and, once
         `avr synth thoughts` has run with the thought-SFT model, <data_dir>/stage2/preference
         (best-vs-worst thought pairs with length control).
-Each dataset is one file written atomically (`train.parquet` or `train.jsonl`) that
+Every dataset is de-duplicated over the whole output (all shards and chunks); the summary counts
+the copies removed. Each dataset is one file written atomically (`train.parquet` or `train.jsonl`) that
 `datasets.load_dataset` reads; the run summary is saved beside them as summary.json.
 """
 
@@ -61,11 +62,12 @@ def _card(directory: Path, path: Path, records: list[dict[str, Any]], columns, t
                     "records by type": dict(kinds), "policy model": s.policy.name or s.policy.model,
                     "reward model": s.reward.name or s.reward.model,
                     "prompts": s.input.path, "run.seed": cfg.run.seed,
-                    "mix_source_sft": s.pairs.mix_source_sft})
+                    "synth.pairs.gating": s.pairs.gating,
+                    "synth.pairs.mix_source_chosen": s.pairs.mix_source_chosen})
 
 
-def _finish(kind: str, directory: Path, summary, written: dict[str, Any]) -> dict[str, Any]:
-    report = {"kind": f"pairs {kind}", "shard": "all shards", "outputs": written,
+def _finish(kind: str, directory: Path, summary, written: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    report = {"kind": f"pairs {kind}", "shard": "all shards", "outputs": written, **extra,
               "summary": summary.to_dict(), "report": summary.report()}
     atomic_write_json(directory / "summary.json", report)
     print_report(report)
@@ -76,26 +78,25 @@ def _finish(kind: str, directory: Path, summary, written: dict[str, Any]) -> dic
 
 def pairs_stage1(cfg: AvrConfig) -> dict[str, Any]:
     rows = read_output(stage_dir(cfg, "stage1"), what="stage-1 output")
-    mix = cfg.synth.pairs.mix_source_sft
-    if mix and not any(r.get("source_sft") for r in rows):
-        raise ConfigError("synth.pairs.mix_source_sft=true, but the stage-1 output holds no source SFT conversations: "
-                          "set synth.input.fields.sft when running `avr synth stage1`")
-    summary, sft, pairs = build_stage1(rows, cfg, mix_source_sft=mix)
+    mix = cfg.synth.pairs.mix_source_chosen
+    if mix and not any(r.get("source_chosen") for r in rows):
+        raise ConfigError("synth.pairs.mix_source_chosen=true, but the stage-1 output holds no source chosen "
+                          "conversations: set synth.input.fields.chosen when running `avr synth stage1`")
+    summary, sft, pairs = build_stage1(rows, cfg, mix_source_chosen=mix)
     out = data_root(cfg) / "stage1"
     fmt = cfg.synth.output_format
     written = {
         "sft": {"rows": len(sft), "path": str(_write(out / "sft", sft, SFT_COLUMNS, fmt, (
             "AvR stage-1 RSFT conversations",
-            "Supervised fine-tuning conversations from AvR stage-1 refinement trees (the "
-            "best improvement of each accepted tree; `messages` ends with the assistant turn "
-            "to learn).", cfg)))},
+            "Supervised fine-tuning (RSFT) conversations built from AvR stage-1 refinement "
+            "trees; `messages` ends with the assistant turn to learn.", cfg)))},
         "preference": {"rows": len(pairs), "path": str(_write(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
             "AvR stage-1 preference pairs",
             "Response, criticism and improvement preference pairs from AvR stage-1 refinement "
             "trees, in TRL's conversational format, with refinement-aware rewards "
             "(`reward_gap` = reward_chosen - reward_rejected).", cfg)))},
     }
-    return _finish("stage1", out, summary, written)
+    return _finish("stage1", out, summary, written, pair_rules=cfg.synth.pairs.gating)
 
 
 def pairs_stage2(cfg: AvrConfig) -> dict[str, Any]:

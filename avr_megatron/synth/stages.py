@@ -15,8 +15,9 @@ rebuild the method's objects from them.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from avr_megatron.config.schema import AvrConfig
@@ -24,7 +25,7 @@ from avr_megatron.method.chat import Message, message
 from avr_megatron.method.filters import FilterConfig
 from avr_megatron.method.machine import RequestMachine
 from avr_megatron.method.prompts import PromptTemplates
-from avr_megatron.method.records import source_sft_record
+from avr_megatron.method.records import content_key, deduplicate, source_sft_record
 from avr_megatron.method.requests import GenerateRequest, SamplingParams, ScoreRequest, make_key
 from avr_megatron.method.search import RefinementSearch, SearchResult
 from avr_megatron.method.stage1 import Stage1TreeBuilder, preference_pairs, rsft_example
@@ -73,7 +74,8 @@ class WorkItem:
     prompt_id: str
     x: list[Message]
     y0: str | None = None
-    sft: list[Message] | None = None
+    # The source set's chosen conversation (stage 1: for the RSFT mix-in).
+    chosen: list[Message] | None = None
     source_reward: float | None = None
 
 
@@ -102,7 +104,7 @@ def _common_fingerprint(cfg: AvrConfig) -> dict[str, Any]:
         "policy": s.policy.name or s.policy.model, "reward": s.reward.name or s.reward.model,
         "seed": cfg.run.seed, "templates": templates_of(cfg).to_dict(), "chunk_size": s.chunk_size,
         "max_rating_tries": s.max_rating_tries, "max_answer_tries": s.max_answer_tries,
-        "rating_fallback": s.rating_fallback,
+        "rating_fallback": s.rating_fallback, "rating_parse": s.rating_parse,
     }
 
 
@@ -130,19 +132,19 @@ class Stage1(Stage):
             ("prompt_id", pa.string()), ("row", pa.int64()), ("status", pa.string()), ("x", msgs),
             ("y0", pa.string()), ("reward_y0", pa.float64()), ("best_reward", pa.float64()),
             ("num_improvements", pa.int64()), ("criticism_samples", pa.int64()), ("rating_fallbacks", pa.int64()),
-            ("source_sft", msgs), ("provenance", pa.string()), ("tree", pa.string()),
+            ("source_chosen", msgs), ("provenance", pa.string()), ("tree", pa.string()),
         ])
 
     def machine(self, item: WorkItem, provenance: Provenance, cfg: AvrConfig) -> Stage1TreeBuilder:
         s = cfg.synth
         return Stage1TreeBuilder(item.prompt_id, item.x, item.y0, k=s.stage1.k, m=s.stage1.m, provenance=provenance,
                                  templates=templates_of(cfg), max_rating_tries=s.max_rating_tries,
-                                 max_answer_tries=s.max_answer_tries)
+                                 max_answer_tries=s.max_answer_tries, rating_parse=s.rating_parse)
 
     def row(self, item, machine, provenance, criticisms, fallbacks):
         row = _base_row(item, machine.failure or "ok", provenance)
         row.update(y0=None, reward_y0=None, best_reward=None, num_improvements=0, criticism_samples=criticisms,
-                   rating_fallbacks=fallbacks, source_sft=item.sft, tree=None)
+                   rating_fallbacks=fallbacks, source_chosen=item.chosen, tree=None)
         if machine.failure is None:
             tree = machine.tree
             rewards = rewards_of(tree.root.children)
@@ -160,7 +162,7 @@ class Stage2(Stage):
     def fingerprint(self, cfg: AvrConfig) -> dict[str, Any]:
         s = cfg.synth.stage2
         return {**_common_fingerprint(cfg), "sampling": sampling_of(cfg).to_dict(), "k": s.k, "m": s.m,
-                "max_rounds": s.max_rounds, "beam_width": s.beam_width}
+                "max_rounds": s.max_rounds, "beam_width": s.beam_width, "start": s.start}
 
     def schema(self):
         import pyarrow as pa
@@ -178,7 +180,7 @@ class Stage2(Stage):
         return RefinementSearch(item.prompt_id, item.x, item.y0, k=s.stage2.k, m=s.stage2.m,
                                 max_rounds=s.stage2.max_rounds, beam_width=s.stage2.beam_width, provenance=provenance,
                                 templates=templates_of(cfg), max_rating_tries=s.max_rating_tries,
-                                max_answer_tries=s.max_answer_tries)
+                                max_answer_tries=s.max_answer_tries, rating_parse=s.rating_parse)
 
     def row(self, item, machine, provenance, criticisms, fallbacks):
         row = _base_row(item, machine.failure or "ok", provenance)
@@ -265,40 +267,75 @@ class Thoughts(Stage):
 STAGES: dict[str, Stage] = {"stage1": Stage1(), "stage2": Stage2(), "thoughts": Thoughts()}
 
 
-def build_stage1(rows: Sequence[dict[str, Any]], cfg: AvrConfig, *, mix_source_sft: bool = False
+def _conversation_key(messages: Sequence[Message]) -> str:
+    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+
+
+def _count_duplicates(summary: RunSummary, output_of, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records without later copies; each copy is counted as rejected "<output>:duplicate"."""
+    kept, dropped = deduplicate(records)
+    for record in dropped:
+        summary.add_outcome(output_of(record), f"{output_of(record)}:duplicate")
+    return kept
+
+
+def build_stage1(rows: Sequence[dict[str, Any]], cfg: AvrConfig, *, mix_source_chosen: bool = False
                  ) -> tuple[RunSummary, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Stage-1 rows -> (summary, SFT records (RSFT [+ source]), preference pairs)."""
-    filters = filters_of(cfg)
+    """Stage-1 rows -> (summary, SFT records, preference pairs), under synth.pairs.gating.
+
+    SFT records: the RSFT examples plus, with `mix_source_chosen`, every source chosen
+    conversation that is not the (x, y0) of an RSFT example (the reference's RSFT data),
+    de-duplicated and shuffled with run.seed. Pairs: de-duplicated over the whole output (every
+    shard), first occurrence kept in row order. Copies are counted as "<output>:duplicate".
+    """
+    filters, gating = filters_of(cfg), cfg.synth.pairs.gating
     summary = RunSummary()
     summary.add_prompts(len(rows))
-    sft: list[dict[str, Any]] = []
+    rsft: list[dict[str, Any]] = []
     pairs: list[dict[str, Any]] = []
+    sources: list[dict[str, Any]] = []
+    used_as_y0: set[str] = set()
     for row in rows:
         _add_event(summary, "criticism_samples", row.get("criticism_samples") or 0)
         _add_event(summary, "rating_fallback", row.get("rating_fallbacks") or 0)
-        if mix_source_sft and row.get("source_sft"):
-            sft.append(source_sft_record(row["prompt_id"], row["source_sft"]))
-            summary.add_outcome("source_sft", None)
+        if mix_source_chosen and row.get("source_chosen"):
+            sources.append(source_sft_record(row["prompt_id"], row["source_chosen"]))
         if row["status"] != "ok":
             summary.add_failure(row["status"])
             continue
         tree = RefinementTree.from_dict(json.loads(row["tree"]), f"stage-1 row {row['prompt_id']!r}.tree")
         summary.add_tree(tree)
-        record, reason = rsft_example(tree, filters)
-        summary.add_outcome("rsft", reason)
-        if record is not None:
-            sft.append(record)
-        accepted, reasons = preference_pairs(tree, filters)
-        summary.add_pairs(accepted, reasons)
+        record, reason = rsft_example(tree, filters, gating)
+        if record is None:
+            summary.add_outcome("rsft", reason)
+        else:
+            rsft.append(record)
+            used_as_y0.add(_conversation_key([*tree.x, message("assistant", tree.root.answer)]))
+        accepted, reasons = preference_pairs(tree, filters, gating)
+        summary.add_pairs([], reasons)
         pairs.extend(accepted)
+    mixed = []
+    for record in sources:
+        if _conversation_key(record["messages"]) in used_as_y0:
+            summary.add_outcome("source_chosen", "source_chosen:used_as_y0")
+        else:
+            mixed.append(record)
+    sft = _count_duplicates(summary, lambda r: "rsft" if r["kind"] == "rsft" else "source_chosen", rsft + mixed)
+    for record in sft:
+        summary.add_outcome("rsft" if record["kind"] == "rsft" else "source_chosen", None)
+    random.Random(cfg.run.seed).shuffle(sft)
+    pairs = _count_duplicates(summary, lambda r: r["pair_type"], pairs)
+    summary.add_pairs(pairs, [])
     return summary, sft, pairs
 
 
 def build_stage2(search_rows: Sequence[dict[str, Any]], thought_rows: Sequence[dict[str, Any]], cfg: AvrConfig
                  ) -> tuple[RunSummary, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Stage-2 search rows and thought-sample rows -> (summary, thought SFT records, thought pairs)."""
+    """Stage-2 search rows and thought-sample rows -> (summary, thought SFT records, thought
+    pairs), each de-duplicated over the whole output (copies counted as "<output>:duplicate")."""
     templates = templates_of(cfg)
     filters = filters_of(cfg) if cfg.synth.filters.filter_thoughts else None
+    y0_filter = filters_of(cfg) if cfg.synth.filters.thought_sft_y0 else None
     summary = RunSummary()
     summary.add_prompts(len(search_rows) if search_rows else len(thought_rows))
     sft: list[dict[str, Any]] = []
@@ -311,16 +348,26 @@ def build_stage2(search_rows: Sequence[dict[str, Any]], thought_rows: Sequence[d
             continue
         result = SearchResult.from_dict(json.loads(row["search"]), f"stage-2 row {row['prompt_id']!r}.search")
         summary.add_search(result)
-        record, reason = thought_sft_example(result, filters=filters)
-        summary.add_outcome("thought_sft", reason)
-        if record is not None:
+        record, reason = thought_sft_example(result, filters=filters, y0_filter=y0_filter)
+        if record is None:
+            summary.add_outcome("thought_sft", reason)
+        else:
             sft.append(record)
+    sft = _count_duplicates(summary, lambda r: "thought_sft", sft)
+    for _ in sft:
+        summary.add_outcome("thought_sft", None)
+    seen: set[str] = set()
     for row in thought_rows:
         samples = [ThoughtSample(s["text"], s["reward"]) for s in row["samples"]]
         outcome = thought_pairs(
             samples, row["source_reward"], prompt_id=row["prompt_id"], x=row["x"],
             provenance=Provenance.from_dict(json.loads(row["provenance"])),
             length_control=cfg.synth.thoughts.length_control, templates=templates, filters=filters)
+        if outcome.pair is not None:
+            key = content_key(outcome.pair)
+            if key in seen:
+                outcome = replace(outcome, pair=None, reason="thought:duplicate")
+            seen.add(key)
         summary.add_thought_pairs(outcome)
         if outcome.pair is not None:
             pairs.append(outcome.pair)

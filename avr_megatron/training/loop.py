@@ -34,6 +34,7 @@ from avr_megatron.config import AvrConfig, ConfigError, save_config
 from avr_megatron.data.batches import collate
 from avr_megatron.data.dataset import TrainingData
 from avr_megatron.data.sampler import StepSampler
+from avr_megatron.runtime.device import device, on_gpu
 from avr_megatron.runtime.distributed import ParallelLayout, is_rank0
 from avr_megatron.training.signals import EXIT_PREEMPTED, PreemptionSignals
 
@@ -54,24 +55,9 @@ class TrainResult:
     scheduler: object
 
 
-def _device():
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-
-
-def grads_finite(chunks) -> bool:
-    """This rank's gradient buffers are all finite (with the distributed optimizer a rank's
-    buffer holds its reduced shard and its own unreduced gradients elsewhere: any non-finite
-    value of the reduced gradient shows up on some rank)."""
-    for chunk in chunks:
-        for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
-            if buffer.grad_data is not None and not torch.isfinite(buffer.grad_data).all():
-                return False
-    return True
-
-
 def _any_rank(*flags: bool) -> list[bool]:
     """OR of each flag over all ranks, in one all-reduce."""
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=_device())
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
@@ -223,7 +209,7 @@ class Trainer:
         return result
 
     def _mfu_denominator(self) -> float | None:
-        if not torch.cuda.is_available():
+        if not on_gpu():
             return None
         from avr_megatron.training.flops import peak_flops
 
@@ -238,7 +224,7 @@ class Trainer:
         from avr_megatron.training.metrics_log import MetricsLog, ProgressLog
         from avr_megatron.training.reference import schedule_shape
         from avr_megatron.training.setup import num_microbatches
-        from avr_megatron.training.step import forward_backward
+        from avr_megatron.training.step import forward_backward, optimizer_step
 
         cfg, rank0 = self.cfg, is_rank0()
         state = self._build()
@@ -273,21 +259,22 @@ class Trainer:
                     self.chunks, num_microbatches=n_mb, seq_length=seq_length,
                     micro_batch_size=mbs)
                 loss = metrics.get("loss", math.nan)
-                bad, stop = _any_rank(not (math.isfinite(loss) and grads_finite(self.chunks)),
-                                      signals.received is not None)
-                grad_norm, lr = None, self.optimizer.param_groups[0]["lr"]
-                if bad:
+                # The loss is the same on every rank (reduced over DP, broadcast over PP); the
+                # gradients' finiteness comes from the optimizer's global grad norm.
+                (stop,) = _any_rank(signals.received is not None)
+                updated, grad_norm = False, None
+                lr = self.optimizer.param_groups[0]["lr"]
+                if math.isfinite(loss):
+                    updated, grad_norm = optimizer_step(self.optimizer)
+                if updated:
+                    counters["nonfinite_streak"] = 0
+                    self.scheduler.step(increment=1)
+                else:
                     counters["skipped_steps"] += 1
                     counters["nonfinite_streak"] += 1
-                    log.warning("iteration %d: non-finite loss or gradients (loss=%s); step "
-                                "skipped (%d in a row)", it + 1, loss,
+                    log.warning("iteration %d: non-finite loss or gradients (loss=%s, grad norm="
+                                "%s); step skipped (%d in a row)", it + 1, loss, grad_norm,
                                 counters["nonfinite_streak"])
-                else:
-                    counters["nonfinite_streak"] = 0
-                    updated, grad_norm, _ = self.optimizer.step()
-                    if updated:
-                        self.scheduler.step(increment=1)
-                    grad_norm = None if grad_norm is None else float(grad_norm)
                 seconds = time.time() - t0
                 real, targets, sum_sq = self._step_tokens(it)
                 row = {**metrics, "lr": lr, "grad_norm": grad_norm, "seconds": seconds,

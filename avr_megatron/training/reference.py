@@ -34,6 +34,7 @@ from avr_megatron.config.schema import InitFromConfig
 from avr_megatron.data.batches import PackedBatch
 from avr_megatron.data.dataset import TrainingData
 from avr_megatron.data.fingerprint import fingerprint_dir
+from avr_megatron.runtime.device import device
 
 log = logging.getLogger(__name__)
 FORMAT = "avr-megatron/ref-logps/1"
@@ -297,8 +298,7 @@ def _broadcast_flag(flag: bool) -> bool:
     """Rank 0's decision, on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
     dist.broadcast(t, src=0)
     return bool(t.item())
 

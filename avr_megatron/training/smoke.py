@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from avr_megatron.config import AvrConfig, save_config
+from avr_megatron.runtime.device import to_device
 
 
 @dataclass
@@ -44,13 +45,14 @@ def _lm_loss(labels, logits):
     losses = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous().float(),
                                           labels.transpose(0, 1).contiguous())
     total = losses.sum()
-    count = torch.tensor(labels.numel(), dtype=torch.int)
+    count = torch.tensor(labels.numel(), dtype=torch.int, device=total.device)
     return total, count, {"loss": total.detach() / labels.numel()}
 
 
 def _forward_step(data_iterator, model):
-    tokens, labels = next(data_iterator)
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    """The batches are made on the host; the model runs on this process's device."""
+    tokens, labels = (to_device(t) for t in next(data_iterator))
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     return model(tokens, positions, None), partial(_lm_loss, labels)
 
 

@@ -93,3 +93,11 @@ def test_unreachable_server_names_the_url(monkeypatch):
     engine = ServerChatEngine("http://127.0.0.1:9", "m", max_retries=1, timeout_s=2)
     with pytest.raises(ServerError, match="127.0.0.1:9/v1/chat/completions"):
         engine.generate([GenerateRequest("p/g", [{"role": "user", "content": "hi"}], 1, SamplingParams())])
+
+
+def test_greedy_asks_for_one_reply_and_repeats_it(stub):
+    # vLLM refuses n > 1 with temperature 0; greedy replies are identical anyway.
+    engine = ServerChatEngine(stub, "m")
+    greedy = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4, seed=5)
+    out = engine.generate([GenerateRequest("p/g", [{"role": "user", "content": "q"}], 3, greedy)])
+    assert out == [["q#0#5"] * 3] and _Stub.calls[-1][1]["n"] == 1

@@ -23,9 +23,31 @@ def test_digit_and_symbol_runs():
     assert repetition_reason(" ".join(w + "!" for w in words[:59])) is None
     assert repetition_reason(" ".join(w + "!" for w in words)) == "repetition"
     assert repetition_reason(" ".join(f"{w} 42" for w in words)) == "repetition"
-    # Whitespace is removed before reading runs: "1 2 3" is one run, not three.
-    assert most_repeated("1 2 3") == ("123", 1)
-    assert repetition_reason("=" * 500) is None  # one long run occurs once
+    # Only spaces are removed before reading runs: "1 2 3 1 2 3 ..." is one run "123123..." ...
+    assert repetition_reason("x " + "1 2 3 " * 30) is None
+    assert repetition_reason("x " + "1 2 3 " * 60) == "repetition"  # (as words, "1" occurs 60 times)
+    # ... but newlines stay, so a paragraph break between distinct words is a run of its own.
+    assert repetition_reason("\n\n".join(distinct_words(60))) is None  # 59 breaks
+    assert repetition_reason("\n\n".join(distinct_words(61))) == "repetition"  # 60 breaks
+    assert repetition_reason(" ".join(distinct_words(61))) is None  # spaces never form a run
+    assert repetition_reason("\t".join(distinct_words(61))) == "repetition"
+    assert repetition_reason("a" + "=" * 500) is None  # one long run occurs once
+
+
+def test_words_of_latin_text_and_characters_of_other_text():
+    # With a Latin letter: `\b\w+\b` words of the lowercased text (digits and underscores are
+    # word characters: "x_1" is one word).
+    assert repetition_reason(" ".join(["Again", "again"] * 30)) == "repetition"
+    assert repetition_reason("x_1 " * 59) is None and repetition_reason("x_1 " * 60) == "repetition"
+    assert repetition_reason("A" + "好" * 60) is None  # "a好好...好" is one word
+    # Without one (CJK, digits and symbols only): every character is a token, spaces included.
+    assert repetition_reason("好" * 59) is None
+    assert repetition_reason("好" * 60) == "repetition"
+    assert most_repeated("好的好") == ("好", 2)
+    assert repetition_reason("=" * 60) == "repetition"
+    assert most_repeated("1 2 3") == (" ", 2)
+    assert repetition_reason("1 " * 60) == "repetition"
+    assert repetition_reason("é" * 60) == "repetition"  # no a-z/A-Z letter: characters
 
 
 def test_threshold_is_configurable():

@@ -23,6 +23,20 @@ def test_stops_when_a_round_is_not_strictly_better():
     assert result.ended_on_failed_round
 
 
+@pytest.mark.parametrize(
+    "table, best",
+    [
+        # Ties within a round: the first in (criticism, improvement) order wins (a strict `>`).
+        ({"r1/b0/c0/y1": 2.0, "r1/b0/c1/y0": 2.0, "r1/b0/c1/y1": 2.0}, "r1/b0/c0/y1"),
+        ({"r1/b0/c1/y0": 2.0, "r1/b0/c1/y1": 2.0}, "r1/b0/c1/y0"),
+        ({"r1/b0/c0/y0": 1.0, "r1/b0/c1/y1": 2.0}, "r1/b0/c1/y1"),
+    ],
+)
+def test_round_best_is_the_first_strict_maximum(table, best):
+    result = search(Scripted(table), max_rounds=1)
+    assert result.best_id == best and result.rounds[0].kept_ids == [best]
+
+
 def test_stops_after_max_rounds():
     table = {f"r{r}/b0/c0/y0": float(r) for r in range(1, 10)}
     result = search(Scripted(table), max_rounds=3)

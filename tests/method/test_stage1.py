@@ -192,7 +192,8 @@ def test_builder_is_deterministic_and_order_independent(seed, p_no_rating, p_bla
     tree = RefinementTree.from_dict(json.loads(json.dumps(trees[0])))
     assert len({c.criticism_index for c in tree.root.children}) <= k
     assert all(sum(1 for c in tree.root.children if c.criticism_index == i) <= m for i in range(k))
-    assert preference_pairs(tree) == preference_pairs(RefinementTree.from_dict(trees[1]))
+    for gating in ("reference", "independent"):
+        assert preference_pairs(tree, gating=gating) == preference_pairs(RefinementTree.from_dict(trees[1]), gating=gating)
 
 
 # ---------------------------------------------------------------- RSFT and pairs
@@ -210,8 +211,8 @@ def make_tree(r0, groups, *, y0="the first answer", crits=None, answers=None):
     return RefinementTree("p", X, root, PROVENANCE, k=max(len(groups), 1), m=2)
 
 
-def reasons_of(tree, **kw):
-    pairs, reasons = preference_pairs(tree, **kw)
+def reasons_of(tree, gating="independent", **kw):
+    pairs, reasons = preference_pairs(tree, gating=gating, **kw)
     return {p["pair_type"]: p for p in pairs}, reasons
 
 
@@ -254,9 +255,10 @@ def test_incomplete_tree_is_refused():
         preference_pairs(tree)
 
 
-def test_all_three_pairs_accepted():
+@pytest.mark.parametrize("gating", ["reference", "independent"])
+def test_all_three_pairs_accepted(gating):
     tree = make_tree(1.0, [[0.5, 3.0], [1.5, 0.0]])
-    pairs, reasons = reasons_of(tree)
+    pairs, reasons = reasons_of(tree, gating)
     assert reasons == []
     response, criticism, improvement = pairs["response"], pairs["criticism"], pairs["improvement"]
     assert response["prompt"] == X
@@ -325,9 +327,15 @@ def test_same_text_response_pair_is_dropped():
     assert "response:same_text" in reasons
 
 
-def test_best_improvement_first_on_ties():
+def test_best_improvement_ties():
     tree = make_tree(0.0, [[1.0, 2.0], [2.0]])
-    assert best_improvement(tree).id == "r1/b0/c0/y1"
+    assert best_improvement(tree, "independent").id == "r1/b0/c0/y1"  # the first
+    assert best_improvement(tree).id == "r1/b0/c1/y0"  # reference: `>=` from r(y0), the last
+    assert best_improvement(make_tree(2.5, [[1.0, 2.0], [2.0]])) is None  # none reaches r(y0)
+    assert best_improvement(make_tree(2.0, [[1.0, 2.0], [2.0]])).id == "r1/b0/c1/y0"  # equal counts
+    assert rsft_example(make_tree(0.0, [[1.0, 2.0], [2.0]]))[0]["messages"][-1]["content"] == "improvement 1.0"
+    with pytest.raises(ValueError, match="gating: expected one of reference, independent, got 'both'"):
+        preference_pairs(tree, gating="both")
 
 
 values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.0])
@@ -340,7 +348,7 @@ def test_pair_invariants(r0, groups, data):
     crits = [data.draw(st.sampled_from(["c1 [[3]]", "c2 [[6]]", "loop " * 60 + "[[1]]"])) for _ in groups]
     answers = [[data.draw(texts) for _ in g] for g in groups]
     tree = make_tree(r0, groups, y0=data.draw(texts), crits=crits, answers=answers)
-    pairs, reasons = preference_pairs(tree)
+    pairs, reasons = preference_pairs(tree, gating="independent")
     types = [p["pair_type"] for p in pairs] + [r.split(":")[0] for r in reasons]
     assert sorted(types) == ["criticism", "improvement", "response"]  # one verdict per type
     means = [sum(g) / len(g) for g in groups]
@@ -362,10 +370,36 @@ def test_pair_invariants(r0, groups, data):
             assert p["prompt"][-2]["content"] == crits[b]
             assert (p["reward_chosen"], p["reward_rejected"]) == (max(groups[b]), min(groups[b]))
             assert p["reward_rejected"] != r0
-    record, reason = rsft_example(tree)
-    best = best_improvement(tree)
+    record, reason = rsft_example(tree, gating="independent")
+    best = best_improvement(tree, "independent")
     if record is not None:
         assert best.reward > r0 and record["messages"][-1]["content"] == best.answer
     else:
         assert reason in ("rsft:no_improvement", "rsft:no_gain", "rsft:length")
 
+
+
+@settings(max_examples=150, deadline=None)
+@given(values, st.lists(st.lists(values, min_size=1, max_size=3), max_size=3), st.data())
+def test_reference_pair_invariants(r0, groups, data):
+    """What the reference's sequence implies, whatever the tree: one verdict per pair type, an
+    improvement pair only with the response pair, every chosen answer at or above r(y0)."""
+    crits = [data.draw(st.sampled_from(["c1 [[3]]", "c2 [[6]]", "loop " * 60 + "[[1]]"])) for _ in groups]
+    answers = [[data.draw(texts) for _ in g] for g in groups]
+    tree = make_tree(r0, groups, y0=data.draw(texts), crits=crits, answers=answers)
+    pairs, reasons = preference_pairs(tree)
+    by_type = {p["pair_type"]: p for p in pairs}
+    assert sorted([*by_type, *(r.split(":")[0] for r in reasons)]) == ["criticism", "improvement", "response"]
+    if pairs:
+        assert "response" in by_type
+    if "response" not in by_type:
+        assert not pairs
+    for p in pairs:
+        assert p["reward_gap"] > 0 and p["reward_base"] == r0
+        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+        if p["pair_type"] != "criticism":
+            assert p["reward_chosen"] >= r0
+            assert repetition_reason(chosen) is None and repetition_reason(rejected) is None
+    if "improvement" in by_type:
+        assert by_type["improvement"]["reward_rejected"] != r0
+    assert repetition_reason(tree.root.answer) is None or not pairs

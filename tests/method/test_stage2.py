@@ -2,6 +2,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from method_fakes import PROVENANCE, X, Scripted, search
 
+from avr_megatron.method.frontier import run_frontier
+from avr_megatron.method.search import RefinementSearch
+
 from avr_megatron.method.filters import FilterConfig
 from avr_megatron.method.prompts import PromptTemplates
 from avr_megatron.method.stage2 import ThoughtSample, thought_from_search, thought_pairs, thought_sft_example
@@ -59,6 +62,19 @@ def test_thought_from_a_search_that_ends_on_a_failed_round():
 )
 def test_thought_rejections(engine, kw, reason):
     assert thought_sft_example(search(engine, **kw)) == (None, reason)
+
+
+def test_thought_sft_skips_a_degenerate_first_answer_when_asked():
+    s = RefinementSearch("q", X, "again " * 60, None, k=2, m=2, provenance=PROVENANCE)
+    engine = Scripted({"r1/b0/c0/y0": 1.0})
+    run_frontier([s], engine.generate, engine.score)
+    result = s.result
+    assert thought_sft_example(result, y0_filter=FilterConfig()) == (None, "thought_sft:y0_repetition")
+    assert thought_sft_example(result, y0_filter=FilterConfig(repetition_threshold=61))[1] is None
+    assert thought_sft_example(result)[1] is None  # no y0_filter: kept
+    # The y0 check comes first, as in the reference.
+    failing = search(Scripted({}))
+    assert thought_sft_example(failing, y0_filter=FilterConfig())[1] == "thought_sft:round1_no_improvement"
 
 
 def test_single_improving_round_is_kept():

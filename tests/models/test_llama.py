@@ -47,3 +47,26 @@ def test_gpu_only_options_need_transformer_engine():
     with pytest.raises(ConfigError, match="context_parallel_size > 1 needs"):
         uses_transformer_engine(load_config(None, ["parallel.context_parallel_size=2"]))
     assert uses_transformer_engine(load_config(None, [])) is False
+
+
+@pytest.mark.parametrize("gpu,kernel,expected", [(True, True, True), (True, False, False),
+                                                 (False, True, False)])
+def test_grad_accumulation_fusion_only_with_gpu_and_apex_kernel(monkeypatch, gpu, kernel,
+                                                                expected):
+    """Megatron's ColumnParallelLinear (the output layer on every spec) raises at build time when
+    gradient_accumulation_fusion is on without APEX's fused_weight_gradient_mlp_cuda."""
+    import sys
+    import types
+
+    import avr_megatron.models.llama as llama
+
+    monkeypatch.setattr(llama, "on_gpu", lambda: gpu)
+    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda",
+                        types.ModuleType("fused_weight_gradient_mlp_cuda") if kernel else None)
+    llama.grad_accumulation_fusion_available.cache_clear()
+    try:
+        assert llama.grad_accumulation_fusion_available() is expected
+        cfg = load_config(None, ["model.preset=tiny"])
+        assert llama.transformer_config(cfg, use_te=False).gradient_accumulation_fusion is expected
+    finally:
+        llama.grad_accumulation_fusion_available.cache_clear()

@@ -66,6 +66,17 @@ def test_bad_stage_overrides_fail_before_anything_runs(tmp_path, override, messa
     assert not (tmp_path / "stages").exists()
 
 
+def test_stage2_start_without_a_chosen_column_fails_before_anything_runs(tmp_path):
+    no_chosen = [f"run.dir={tmp_path}", "synth.input.fields.chosen=null", "synth.pairs.mix_source_chosen=false"]
+    with pytest.raises(ConfigError, match=r"stage stage2_search .*synth.stage2.start=chosen.*fields.chosen is not set"):
+        plan_stages(load_config(TINY, no_chosen))
+    assert not (tmp_path / "stages").exists()
+    plans = {p.stage.name: p for p in plan_stages(load_config(TINY, [*no_chosen, "synth.stage2.start=sample"]))}
+    assert plans["stage2_search"].cfg.synth.stage2.start == "sample"
+    # Per stage: only the search needs the chosen answers.
+    plan_stages(load_config(TINY, [*no_chosen, "pipeline.stages.stage2_search.synth.stage2.start=sample"]))
+
+
 def test_missing_base_model_is_named(tmp_path):
     cfg = load_config(TINY, [f"run.dir={tmp_path}", "pipeline.base_model=null"])
     with pytest.raises(ConfigError, match="pipeline.base_model"):

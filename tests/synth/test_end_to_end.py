@@ -39,8 +39,9 @@ def _strip(rows):
 
 
 def test_stage1_datasets_and_reproducibility(tmp_path, tiny_models, capsys):
-    cfg = _cfg(tmp_path / "a", tiny_models, "synth.input.limit=12", "synth.chunk_size=5",
-               "synth.input.fields.sft=answer", "synth.pairs.mix_source_sft=true")
+    # The tiny recipe names a chosen column (the shipped answers) and mixes it into RSFT.
+    cfg = _cfg(tmp_path / "a", tiny_models, "synth.input.limit=12", "synth.chunk_size=5")
+    assert cfg.synth.input.fields.chosen == "answer" and cfg.synth.pairs.mix_source_chosen
     report = run_stage("stage1", cfg)
     out = capsys.readouterr().out
     assert "stage1 summary" in out and "rating_fallback fired" in out and "pairs by type" in out
@@ -53,12 +54,10 @@ def test_stage1_datasets_and_reproducibility(tmp_path, tiny_models, capsys):
     assert fb["criticism_samples"] == 12 * cfg.synth.stage1.k
 
     # Same seed, fresh directory: identical rows. Another seed: other samples.
-    again = _cfg(tmp_path / "b", tiny_models, "synth.input.limit=12", "synth.chunk_size=5",
-                 "synth.input.fields.sft=answer")
+    again = _cfg(tmp_path / "b", tiny_models, "synth.input.limit=12", "synth.chunk_size=5")
     run_stage("stage1", again)
     assert _rows(again, "stage1") == _rows(cfg, "stage1")
-    other = _cfg(tmp_path / "c", tiny_models, "synth.input.limit=12", "synth.chunk_size=5",
-                 "synth.input.fields.sft=answer", "run.seed=99")
+    other = _cfg(tmp_path / "c", tiny_models, "synth.input.limit=12", "synth.chunk_size=5", "run.seed=99")
     run_stage("stage1", other)
     assert [r["tree"] for r in _rows(other, "stage1")] != [r["tree"] for r in _rows(cfg, "stage1")]
 
@@ -69,8 +68,11 @@ def test_stage1_datasets_and_reproducibility(tmp_path, tiny_models, capsys):
     sft = load_dataset("parquet", data_files=written["sft"]["path"], split="train")
     pref = load_dataset(str(Path(written["preference"]["path"]).parent), split="train")
     assert sft.num_rows == written["sft"]["rows"] and pref.num_rows == written["preference"]["rows"] > 0
-    kinds = set(sft["kind"])
-    assert "source" in kinds and sum(k == "source" for k in sft["kind"]) == 12
+    # y0 is the shipped answer, so a prompt with an RSFT example has its chosen conversation as
+    # the (x, y0) of that example: it is not mixed in again.
+    n_rsft = sum(k == "rsft" for k in sft["kind"])
+    assert sum(k == "source" for k in sft["kind"]) == 12 - n_rsft
+    assert len({json.dumps(m) for m in sft["messages"]}) == sft.num_rows  # de-duplicated
     assert set(pref["pair_type"]) <= {"response", "criticism", "improvement"} and len(set(pref["pair_type"])) >= 2
     row = pref[0]
     assert row["chosen"][0]["role"] == "assistant" and row["reward_gap"] > 0 and row["model"] == cfg.synth.policy.model
@@ -215,11 +217,16 @@ def test_stage2_search_thoughts_and_pairs(tmp_path, tiny_models):
     written = pairs_stage2(cfg)["outputs"]
     pairs = load_output_rows(Path(written["preference"]["path"]))
     assert len(pairs) == 8 and {p["pair_type"] for p in pairs} == {"thought"}
+    # The search started from the shipped ("chosen") answers, and thought pairs beat their reward.
+    shipped = {json.loads(line)["id"]: json.loads(line)["answer"] for line in TINY.read_text().splitlines()}
+    assert all(r["y0"] == shipped[r["prompt_id"]] for r in rows)
+    source_reward = {r["prompt_id"]: r["reward_y0"] for r in rows}
     for p in pairs:
         chosen = extract_final_answer(p["chosen"][0]["content"])
         rejected = extract_final_answer(p["rejected"][0]["content"])
         assert len(chosen) < len(rejected) and p["reward_chosen"] > p["reward_rejected"]
         assert p["model"] == "scripted-thought-model"
+        assert p["reward_base"] == source_reward[p["prompt_id"]] < p["reward_chosen"]
     # Length control: with longer answers scoring higher, every pair is dropped.
     cfg_long = _cfg(tmp_path, tiny_models, "synth.input.limit=8", "synth.chunk_size=4", "synth.stage2.max_rounds=3")
 
@@ -244,6 +251,25 @@ def test_jsonl_output_loads_with_datasets(tmp_path, tiny_models):
     assert ds.num_rows == 3 and ds["prompt_id"] == ["tiny-000", "tiny-001", "tiny-002"]
     written = pairs_stage1(cfg)["outputs"]
     assert written["preference"]["path"].endswith("train.jsonl")
+
+
+def test_stage2_start(tmp_path, tiny_models):
+    from avr_megatron.synth.driver import _items
+
+    shipped = [json.loads(line)["answer"] for line in TINY.read_text().splitlines()[:3]]
+    chosen = _cfg(tmp_path, tiny_models, "synth.input.limit=3")
+    assert [it.y0 for it in _items("stage2", chosen, (0, 1))["items"]] == shipped
+    # Stage 1 takes y0 from synth.input.fields.answer, not from the chosen column.
+    stage1 = _cfg(tmp_path, tiny_models, "synth.input.limit=3", "synth.input.fields.answer=null")
+    assert [it.y0 for it in _items("stage1", stage1, (0, 1))["items"]] == [None] * 3
+    sample = _cfg(tmp_path, tiny_models, "synth.input.limit=3", "synth.stage2.start=sample")
+    assert [it.y0 for it in _items("stage2", sample, (0, 1))["items"]] == [None] * 3
+    # No chosen column: the reference start is impossible, and the run says so before any work.
+    none = _cfg(tmp_path, tiny_models, "synth.input.limit=3", "synth.input.fields.chosen=null",
+                "synth.pairs.mix_source_chosen=false")
+    with pytest.raises(ConfigError, match="synth.stage2.start=chosen: .* synth.input.fields.chosen is not set"):
+        run_stage("stage2", none)
+    assert not stage_dir(none, "stage2").exists()
 
 
 def test_overlong_and_undecodable_prompts_are_listed_never_stop_the_chunk(tmp_path, tiny_models, capsys):

@@ -37,6 +37,23 @@ def test_rating_fallback_only_touches_criticisms_and_counts(enabled):
         assert not counter.fired and got == outputs
 
 
+@pytest.mark.parametrize("parse", ["first", "last"])
+def test_rating_fallback_gives_a_rating_that_parses_under_the_recipes_reading(parse):
+    t = PromptTemplates()
+    crit, _ = _requests(t)
+    texts = ["no rating", "[[0]] is no rating, [[4]] is", "[[11]] then nothing"]
+    counter = CriticismCounter(t, True, rating_parse=parse)
+    (got,) = counter([crit], [list(texts)])
+    for before, after in zip(texts, got):
+        if extract_rating(before, parse) is None:
+            assert MARK in after and before in after and extract_rating(after, parse) is not None
+        else:
+            assert after == before
+    # "first": an earlier non-rating [[n]] would still decide, so the marked rating goes first.
+    assert got[1].startswith(MARK) if parse == "first" else got[1] == texts[1]
+    assert got[0].startswith("no rating")
+
+
 def test_store_refuses_another_configuration_and_clears_stale_temp_files(tmp_path):
     import pyarrow as pa
 

@@ -84,3 +84,43 @@ def test_parse_shard():
     for bad in ("4/4", "x", "1/0", "-1/2"):
         with pytest.raises(ConfigError):
             parse_shard(bad)
+
+
+def test_chosen_column_of_a_preference_set(tmp_path):
+    """UltraFeedback style: `chosen` is the prompt's conversation ending with the chosen answer."""
+    user = {"role": "user", "content": "Q?"}
+    rows = [
+        {"id": "a", "prompt": "Q?", "chosen": [user, {"role": "assistant", "content": "A."}]},
+        {"id": "b", "prompt": "Q?", "chosen": "A string answer."},
+        {"id": "c", "prompt": "Q?", "chosen": [{"role": "user", "content": "Other?"},
+                                              {"role": "assistant", "content": "A."}]},
+        {"id": "d", "prompt": "Q?", "chosen": [user]},
+        {"id": "e", "prompt": "Q?", "chosen": None},
+        {"id": "f", "prompt": "Q?", "sys": "Be brief.", "chosen": [user, {"role": "assistant", "content": "A."}]},
+    ]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_prompts(_input(path, id="id", chosen="chosen"))
+    assert [r.prompt_id for r in loaded.records] == ["a", "b", "f"]
+    assert loaded.records[0].chosen == [user, {"role": "assistant", "content": "A."}]
+    assert loaded.records[1].chosen == [user, {"role": "assistant", "content": "A string answer."}]
+    assert loaded.records[0].y0 is None  # stage 1 still samples y0 (fields.answer is unset)
+    bad = {r.prompt_id: (r.field, r.reason) for r in loaded.invalid}
+    assert bad["c"] == ("chosen", "field 'chosen': the turns before the chosen answer differ from the prompt")
+    assert bad["d"][0] == "chosen" and "must end with a 'assistant' turn" in bad["d"][1]
+    assert bad["e"] == ("chosen", "field 'chosen' is null")
+    # A system prompt added from synth.input.fields.system may be missing from the chosen turns.
+    with_system = load_prompts(_input(path, id="id", chosen="chosen", system="sys"))
+    f = next(r for r in with_system.records if r.prompt_id == "f")
+    assert f.x[0]["role"] == "system" and f.chosen[-1]["content"] == "A."
+
+
+def test_mixing_source_chosen_needs_a_chosen_column():
+    with pytest.raises(ConfigError, match="synth.pairs.mix_source_chosen=true needs synth.input.fields.chosen"):
+        load_config(None, ["synth.pairs.mix_source_chosen=true"])
+    with pytest.raises(ConfigError, match=r"synth.pairs.gating='both' is not one of \['reference', 'independent'\]"):
+        load_config(None, ["synth.pairs.gating=both"])
+    with pytest.raises(ConfigError, match=r"synth.stage2.start='fresh'"):
+        load_config(None, ["synth.stage2.start=fresh"])
+    with pytest.raises(ConfigError, match=r"synth.rating_parse='middle'"):
+        load_config(None, ["synth.rating_parse=middle"])

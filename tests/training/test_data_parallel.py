@@ -40,3 +40,49 @@ def test_dp2_trains_and_replicas_agree(tmp_path, overrides):
         assert r["dp"] == 2
         assert r["last"] < 0.5 * r["first"], r
         assert r["replicas_equal"], r
+
+
+def _dpo_mixed_gaps_case(tmp):
+    import json
+    from pathlib import Path
+
+    from avr_megatron.config import load_config
+    from avr_megatron.runtime.distributed import is_rank0
+    from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
+    from avr_megatron.testing.toy_data import preference_records, write_jsonl
+    from avr_megatron.training.stages import run_dpo
+
+    tmp = Path(tmp)
+    records = preference_records(24, seed=3)
+    for r in records[::2]:  # half the pairs carry no reward gap
+        for key in ("reward_gap", "reward_chosen", "reward_rejected"):
+            r.pop(key)
+    if is_rank0():
+        train_tiny_tokenizer(tmp / "tok")
+        write_jsonl(records, tmp / "pairs.jsonl")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    cfg = load_config(None, [
+        "model.preset=tiny", f"run.dir={tmp / 'run'}", f"data.tokenizer={tmp / 'tok'}",
+        f"data.train={tmp / 'pairs.jsonl'}", "data.pack=false", "data.overlong=truncate",
+        "train.seq_length=128", "train.micro_batch_size=1", "train.global_batch_size=8",
+        "train.train_iters=3", "loss.reference=online", "logging.progress_bar=false",
+        "logging.tensorboard=false", "checkpoint.save_final=false", "checkpoint.resume=false"])
+    result = run_dpo(cfg, progress=False)
+    rows = ([json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+            if is_rank0() else None)
+    return {"status": result.status, "rows": rows}
+
+
+def test_dp2_dpo_with_reward_gaps_on_some_pairs_only(tmp_path):
+    """Every rank reports `reward_gap` (the mean over pairs that have one), so the metric
+    all-reduce sees the same names on both data-parallel ranks."""
+    import math
+
+    results = run_distributed(_dpo_mixed_gaps_case, nproc=2, timeout=300, tmp=str(tmp_path))
+    assert all(r["status"] == "finished" for r in results)
+    rows = results[0]["rows"]
+    assert len(rows) == 3 and all("reward_gap" in row for row in rows)
+    assert any(math.isfinite(row["reward_gap"]) for row in rows), rows

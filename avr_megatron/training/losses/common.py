@@ -3,9 +3,12 @@ from the last pipeline stage's vocab-parallel logits."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from avr_megatron.data.batches import PackedBatch, model_inputs
+from avr_megatron.runtime.device import device
 from avr_megatron.training.logprobs import sequence_sums, token_logprobs
 
 
@@ -13,23 +16,23 @@ def packed_forward(model, batch: PackedBatch, *, use_te: bool, bf16: bool):
     """Run one packed microbatch through a model chunk. Returns vocab-parallel logits on the
     last pipeline stage (kept in the model's dtype: no fp32 copy of the logits), hidden states
     elsewhere."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else None
-    kwargs = model_inputs(batch, use_te, device)
+    kwargs = model_inputs(batch, use_te, device())
     if bf16:  # Float16Module would otherwise upcast the whole logits tensor to fp32
         kwargs["fp32_output"] = False
     return model(**kwargs)
 
 
 def metric(total, count) -> torch.Tensor:
-    """A metric reported as [sum, count]; the loop sums both over microbatches and data-parallel
-    ranks, then divides, so means are over the whole global batch."""
+    """A mean metric reported as [sum, count]; the loop sums both over microbatches and
+    data-parallel ranks, then divides, so means are over the whole global batch (a mean over
+    no observations is NaN)."""
     total = torch.as_tensor(total).detach().double().reshape(())
     return torch.stack([total, torch.as_tensor(count, dtype=torch.float64, device=total.device)])
 
 
 def total(value) -> torch.Tensor:
-    """A metric summed over the global batch (count 0 marks a total, not a mean)."""
-    return metric(value, 0)
+    """A metric summed over the global batch (a NaN count marks a total, not a mean)."""
+    return metric(value, math.nan)
 
 
 class SequenceLogprobs:

@@ -21,6 +21,7 @@ Metrics follow TRL's names: rewards are beta * (policy - reference) log-ratios.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -128,6 +129,9 @@ class PreferenceObjective:
         metrics = {"loss": metric(loss_sum, n), "pairs": total(n)}
         for name, values in stats.items():
             metrics[name] = metric(values.sum(), n)
-        if batch.reward_gap is not None and not torch.isnan(batch.reward_gap).any():
-            metrics["reward_gap"] = metric(batch.reward_gap.sum(), n)
+        # Always reported, so every data-parallel rank reduces the same metric names: the mean
+        # over the pairs that carry a gap (NaN where the data has none).
+        gap = batch.reward_gap if batch.reward_gap is not None else torch.full((n,), math.nan)
+        known = ~torch.isnan(gap)
+        metrics["reward_gap"] = metric(torch.where(known, gap, 0.0).sum(), known.sum())
         return loss_sum, torch.tensor(n, dtype=torch.int, device=loss_sum.device), metrics
