@@ -258,11 +258,11 @@ def _duplicate_error(build_dir: Path, blocks: list[Block], files: list[Path],
         rid = fmt.block_read_id(block_path(build_dir, blocks[k].index), pos - int(starts[k]))
         return rid, location(files[blocks[k].file_index], int(rows[pos]), rid)
 
-    later = int(repeats[0])
-    (rid, where), (rid0, where0) = describe(later), describe(int(first_of[later]))
-    if rid != rid0:  # a 64-bit hash collision, not a duplicate (never seen in practice)
-        return None
-    return f"{where}: duplicate id {rid!r} (first seen at {where0})"
+    for later in repeats.tolist():
+        (rid, where), (rid0, where0) = describe(later), describe(int(first_of[later]))
+        if rid == rid0:  # else two ids whose 64-bit hashes collide: not a duplicate
+            return f"{where}: duplicate id {rid!r} (first seen at {where0})"
+    return None
 
 
 def _build(root: Path, name: str, key: dict, settings: Settings, files: list[Path],
