@@ -251,11 +251,37 @@ def _materialize_optimizer_state(optimizer) -> None:
                 p.grad = grad
 
 
+def _extra_state_objects(sharded: dict) -> dict[str, list[tuple[str, str]]]:
+    """Dist-checkpoint key -> [(chunk key, state-dict name)] of every model `_extra_state`
+    object requested. Such an object may be absent from a checkpoint and the load still be
+    complete: Transformer Engine's RMSNorm (the TE spec's final norm) has one, Megatron's local
+    norm has none, so a checkpoint converted from HF before the converter wrote it, or saved by
+    a local-spec run, lacks `decoder.final_layernorm._extra_state`. Its module then keeps its
+    fresh state, as the linears do when their stored value is None."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    for ck, state in sharded.items():
+        if not ck.startswith("model"):
+            continue
+        for name, value in state.items():
+            if isinstance(value, ShardedObject) and name.rsplit(".", 1)[-1] == "_extra_state":
+                out.setdefault(value.key, []).append((ck, name))
+    return out
+
+
 def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, optimizer=None,
                     scheduler=None, strict: bool = True) -> dict:
     """Load weights (any TP/PP layout) and, when given, optimizer and scheduler state (same
-    TP/PP layout as saved). Returns the checkpoint's metadata (with `state`)."""
+    TP/PP layout as saved). Returns the checkpoint's metadata (with `state`).
+
+    Every tensor the model and optimizer need must be in the checkpoint; of the `_extra_state`
+    objects only those may be missing (see _extra_state_objects). Transformer Engine FP8 extra
+    state is vetted by checkpoint.extra_state before TE unpickles it."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from avr_megatron.checkpoint.extra_state import te_may_unpickle, vet_state_dict
 
     ckpt = resolve(path)
     meta = read_meta(ckpt)
@@ -266,9 +292,24 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
         _materialize_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                             metadata=_OPTIM_METADATA)
-    loaded = dist_checkpointing.load(sharded, str(ckpt))
+    extra = _extra_state_objects(sharded)
+    loaded, _, absent = dist_checkpointing.load(sharded, str(ckpt),
+                                                strict=StrictHandling.RETURN_UNEXPECTED)
+    lacking = sorted(key for key in absent if key not in extra)
+    if lacking:
+        raise CheckpointError(f"{ckpt} lacks {len(lacking)} tensor(s) or object(s) this model "
+                              f"needs: {', '.join(lacking[:8])}{' ...' if len(lacking) > 8 else ''}")
+    tolerated = {(ck, name) for key in absent for ck, name in extra[key]}
     for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(loaded[chunk_key(i, len(chunks))], strict=strict)
+        ck = chunk_key(i, len(chunks))
+        state = loaded[ck]
+        with te_may_unpickle(vet_state_dict(state, f"{ckpt} ({ck})")):
+            result = unwrap(chunk).load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if (ck, k) not in tolerated]
+        if strict and (missing or result.unexpected_keys):
+            raise CheckpointError(f"{ckpt} does not fit the model ({ck}): missing "
+                                  f"{missing or 'nothing'}, unexpected "
+                                  f"{result.unexpected_keys or 'nothing'}")
     if optimizer is not None:
         # fp32 runs: the distributed optimizer's main params are views of the model params, and
         # Megatron copies into them outside no_grad.

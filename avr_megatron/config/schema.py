@@ -263,6 +263,10 @@ class LogpsConfig:
     reference: InitFromConfig = field(default_factory=InitFromConfig)
     # `avr logps` writes a part file every this many microbatch rounds, and resumes after them.
     save_every: int = 64
+    # Compute reference log-probs (stored and online) under precision.fp8 too. Off: the reference
+    # runs in bf16 (or fp32) even when the policy trains in FP8, because a forward-only pass
+    # never calibrates delayed-scaling FP8 scales (they keep their initial values).
+    fp8: bool = False
 
 
 @dataclass

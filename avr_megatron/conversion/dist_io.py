@@ -91,8 +91,12 @@ def global_shape(t: ModelTensor, num_layers: int) -> tuple[int, ...]:
 
 
 def extra_state_key(t: ModelTensor, num_layers: int) -> str:
-    """Megatron's ShardedObject key for the `_extra_state` of a layer's linear module."""
+    """Megatron's ShardedObject key for the `_extra_state` of the module holding `t`: per layer,
+    offset and shape along the layer axis; outside the layers, offset 0 of shape 1
+    (transformer/utils.py `_get_extra_state_offsets`)."""
     module = storage_key(t).rsplit(".", 1)[0]
+    if t.layer is None:
+        return f"{module}._extra_state/shard_0_1"
     return f"{module}._extra_state/shard_{t.layer}_{num_layers}"
 
 

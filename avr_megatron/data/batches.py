@@ -5,13 +5,14 @@ Inside a bin, sequence i occupies tokens [start_i, start_i + len_i); the rest is
 are next tokens within a sequence (a sequence's last token has none), and a label is trained when
 the token it predicts is an assistant token. Position ids restart at 0 for each sequence.
 
-Attention: on the local (non-TE) layer spec a block-diagonal causal mask ([b, 1, s, s], True =
-masked out, Megatron's convention) confines each token to earlier tokens of its own sequence.
-RoPE in Megatron's GPTModel ignores position ids and rotates by the position within the row;
-attention scores depend only on the distance between query and key, which is the same within a
-sequence wherever it sits in the bin, so the block mask alone reproduces unpacked attention. On
-Transformer Engine the microbatch is flattened to one row in THD layout with cumulative sequence
-lengths (PackedSeqParams), and TE restarts the rotary positions at each sequence itself.
+Attention: on the local (non-TE) layer spec the model gets the [b, s] segment ids as its
+attention mask, and its core attention (`avr_megatron.models.attention`) runs causal attention
+within each sequence only. RoPE in Megatron's GPTModel ignores position ids and rotates by the
+position within the row; attention scores depend only on the distance between query and key,
+which is the same within a sequence wherever it sits in the bin, so attention confined to each
+sequence reproduces unpacked attention. On Transformer Engine the microbatch is flattened to one
+row in THD layout with cumulative sequence lengths (PackedSeqParams) from the same segment ids,
+and TE restarts the rotary positions at each sequence itself.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from avr_megatron.data.packing import PackingPlan
 from avr_megatron.data.tokenized import TokenizedDataset
+from avr_megatron.models.packed import cu_seqlens  # noqa: F401  (re-exported)
 
 CHOSEN, REJECTED = 0, 1  # sequence roles inside a preference unit (SFT sequences are role 0)
 
@@ -113,25 +115,13 @@ def collate(data: TokenizedDataset, plan: PackingPlan, bins: Sequence[int],
 
 
 def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
-    """[b, s] segment ids -> [b, 1, s, s] bool, True where attention is masked out. Padding
+    """[b, s] segment ids -> [b, 1, s, s] bool, True where attention is masked out (what
+    Megatron's own unfused local attention needs; the reference in tests and benchmarks). Padding
     (segment -1) forms one more block so no row is fully masked."""
     s = segment.shape[1]
     same = segment[:, :, None] == segment[:, None, :]
     causal = torch.ones(s, s, dtype=torch.bool, device=segment.device).tril_()
     return ~(same & causal).unsqueeze(1)
-
-
-def cu_seqlens(segment: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative sequence lengths over the flattened batch (bins end to end, each bin's padding
-    one more sequence) and the longest sequence, for THD attention."""
-    b, s = segment.shape
-    flat = segment.reshape(-1)
-    change = torch.ones_like(flat, dtype=torch.bool)
-    change[1:] = flat[1:] != flat[:-1]
-    change[::s] = True  # bins never share a sequence (two padding tails either)
-    starts = torch.nonzero(change).reshape(-1)
-    cu = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def model_inputs(batch: PackedBatch, use_te: bool, device=None) -> dict:
@@ -142,8 +132,7 @@ def model_inputs(batch: PackedBatch, use_te: bool, device=None) -> dict:
         tokens, positions = tokens.to(device), positions.to(device)
     if not use_te:
         segment = batch.segment if device is None else batch.segment.to(device)
-        return {"input_ids": tokens, "position_ids": positions,
-                "attention_mask": block_causal_mask(segment)}
+        return {"input_ids": tokens, "position_ids": positions, "attention_mask": segment}
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu, longest = cu_seqlens(batch.segment)

@@ -167,14 +167,14 @@ def transformer_config(cfg: AvrConfig, use_te: bool | None = None):
 
 
 def layer_spec(use_te: bool):
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    """TE's layer spec, or Megatron's local one with SDPA core attention (models/attention.py)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    from avr_megatron.models.attention import local_layer_spec
 
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    return local_layer_spec()
 
 
 def build_model(cfg: AvrConfig, *, wrap_fp16: bool = True) -> list[torch.nn.Module]:

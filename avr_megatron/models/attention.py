@@ -1,0 +1,169 @@
+"""Core attention for the local (non-Transformer-Engine) layer spec: torch's
+`scaled_dot_product_attention`, with packed sequences kept apart.
+
+Megatron-Core's local `DotProductAttention` repeats K/V for grouped-query attention, builds the
+[b, heads, s, s] scores with `baddbmm`, masks them with an explicit [b, 1, s, s] block mask and
+runs an unfused softmax: on CPU that was ~75% of a forward pass over 1024-token bins.
+`PackedSDPAttention` is a drop-in `core_attention` submodule (`local_layer_spec()`) taking the
+same query/key/value ([s, b, heads, head_dim]) and returning the same [s, b, hidden].
+
+`attention_mask` may be
+  - None: plain causal attention over each row (`is_causal=True`);
+  - an integer [b, s] tensor of segment ids (-1 for padding), what the trainer passes for packed
+    bins: each maximal run of equal ids is one sequence (a bin's padding tail is one more), and a
+    token attends causally within its own run only;
+  - a bool [b, 1, s, s] mask, True = masked out (Megatron's convention), passed to SDPA as is.
+
+Packed segments (chosen by measurement, `bench/forward_split.py` and notes in the README):
+  - CPU, and GPU in fp32 or with dropout: one causal SDPA call per segment (the spans come from
+    the segment ids once per micro-batch, the same boundaries as the THD cu_seqlens the TE path
+    gets). It computes only the within-sequence triangles, so its cost is sum(len_i^2)/2 instead
+    of s^2; on 2 CPU cores, 4 layers x 1024-token bins, forward+backward of the attention core
+    took ~25-30 ms against ~95-270 ms for SDPA with a block mask (bool or additive; the mask
+    forces the full s x s work and a masked kernel) and ~280-620 ms for Megatron's unfused path.
+    FlexAttention has no CPU backward (torch 2.13) and needs torch.compile, so it cannot train
+    here.
+  - CUDA in fp16/bf16 without dropout: torch's flash varlen kernel (`torch.nn.attention.varlen`)
+    over all segments of the micro-batch in one call, from the same cu_seqlens (one kernel
+    launch per layer instead of one per sequence; GQA natively). Not exercised by CI (no GPU);
+    its layout handling is tested on CPU against the per-segment path.
+K/V are never repeated for grouped-query attention (`enable_gqa=True`), and no [s, s] score
+tensor is built in Python-level ops.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+from avr_megatron.models.packed import cu_seqlens
+
+from torch.nn.attention.varlen import varlen_attn as _varlen_attn  # CUDA only (torch >= 2.10)
+
+
+class _Spans:
+    """cu_seqlens of the last segment tensor seen: every layer of a forward (and its activation
+    recompute) gets the same tensor, so the boundaries are read to the host once per micro-batch."""
+
+    def __init__(self):
+        self._ref, self._version, self._value = None, -1, None
+
+    def get(self, segment: torch.Tensor):
+        if self._ref is not None and self._ref() is segment and self._version == segment._version:
+            return self._value
+        cu, longest = cu_seqlens(segment)
+        self._value = (cu, cu.tolist(), longest)
+        self._ref, self._version = weakref.ref(segment), segment._version
+        return self._value
+
+
+_spans = _Spans()
+
+
+class PackedSDPAttention(DotProductAttention):
+    """`DotProductAttention` (same constructor, scale, dropout and state dict) with a forward
+    through `scaled_dot_product_attention`; see the module docstring for the mask forms."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, *args, **kwargs):
+        super().__init__(config, layer_number, attn_mask_type, attention_type, *args, **kwargs)
+        if self.softmax_offset is not None or config.softmax_type != "vanilla":
+            raise ValueError(f"PackedSDPAttention supports softmax_type='vanilla' only, not "
+                             f"{config.softmax_type!r}")
+        if self.scale_mask_softmax.window_size is not None:
+            raise ValueError("PackedSDPAttention does not implement sliding-window attention")
+        self.gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise ValueError("THD packed sequences need Transformer Engine; the local spec takes "
+                             "packed bins as [b, s] segment ids in attention_mask")
+        if attention_bias is not None:
+            raise ValueError("PackedSDPAttention does not take an attention bias")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        s, b, heads, dim = query.shape
+        dropout = self.attention_dropout.p if self.training else 0.0
+        kw = dict(scale=self.softmax_scale, enable_gqa=self.gqa)
+        with self._dropout_rng(dropout):
+            if attention_mask is None:
+                if mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+                    raise ValueError(f"attn_mask_type {mask_type} needs an attention_mask")
+                out = F.scaled_dot_product_attention(
+                    *_bhsd(query, key, value), dropout_p=dropout,
+                    is_causal=mask_type == AttnMaskType.causal, **kw)
+            elif attention_mask.dtype == torch.bool:
+                out = F.scaled_dot_product_attention(
+                    *_bhsd(query, key, value), attn_mask=~attention_mask, dropout_p=dropout, **kw)
+            else:
+                if mask_type != AttnMaskType.causal:
+                    raise ValueError("segment ids give causal attention within each sequence; "
+                                     f"attn_mask_type is {mask_type}")
+                if attention_mask.shape != (b, s):
+                    raise ValueError(f"segment ids must be [b, s] = [{b}, {s}], got "
+                                     f"{tuple(attention_mask.shape)}")
+                if self._use_varlen(query, dropout):
+                    return self._varlen(query, key, value, attention_mask)
+                out = self._per_segment(query, key, value, attention_mask, dropout, kw)
+        # [b, heads, s, dim] -> [s, b, heads * dim]
+        return out.permute(2, 0, 1, 3).reshape(s, b, heads * dim)
+
+    def _dropout_rng(self, dropout: float):
+        """Attention dropout draws from the model-parallel RNG tracker like Megatron's path."""
+        if dropout > 0 and not self.config.sequence_parallel:
+            from megatron.core import tensor_parallel
+
+            return tensor_parallel.get_cuda_rng_tracker().fork()
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _use_varlen(query: torch.Tensor, dropout: float) -> bool:
+        return (query.is_cuda and dropout == 0.0
+                and query.dtype in (torch.float16, torch.bfloat16))
+
+    def _per_segment(self, query, key, value, segment, dropout, kw):
+        """One causal SDPA call per sequence of each bin -> [b, heads, s, dim]."""
+        s = query.shape[0]
+        q, k, v = _bhsd(query, key, value)
+        _, bounds, _ = _spans.get(segment)
+        rows = []
+        for r in range(q.shape[0]):
+            lo = r * s
+            # 4-d slices [1, heads, len, dim]: torch's CPU flash kernel takes 4-d inputs only
+            # (3-d ones fall back to the unfused math path)
+            parts = [F.scaled_dot_product_attention(
+                q[r:r + 1, :, a - lo:e - lo], k[r:r + 1, :, a - lo:e - lo],
+                v[r:r + 1, :, a - lo:e - lo], dropout_p=dropout, is_causal=True, **kw)
+                for a, e in zip(bounds, bounds[1:]) if lo <= a < lo + s]
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def _varlen(self, query, key, value, segment):
+        """All sequences of the micro-batch in one flash varlen call (CUDA, fp16/bf16)."""
+        s, b, heads, dim = query.shape
+        cu, _, longest = _spans.get(segment)
+        cu = cu.to(query.device)
+        flat = [t.transpose(0, 1).reshape(b * s, t.shape[2], dim) for t in (query, key, value)]
+        out = _varlen_attn(*flat, cu, cu, longest, longest, scale=self.softmax_scale,
+                           window_size=(-1, 0), enable_gqa=self.gqa)
+        return out.reshape(b, s, heads * dim).transpose(0, 1).contiguous()
+
+
+def _bhsd(*tensors):
+    """[s, b, heads, dim] views as [b, heads, s, dim]."""
+    return [t.permute(1, 2, 0, 3) for t in tensors]
+
+
+def local_layer_spec():
+    """Megatron-Core's local GPT layer spec (RMSNorm) with `PackedSDPAttention` as core
+    attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedSDPAttention
+    return spec
