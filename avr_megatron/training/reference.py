@@ -77,6 +77,10 @@ def reference_identity(cfg: AvrConfig) -> dict:
             "fingerprint": f"seed{cfg.run.seed}-{_model_shape_hash(cfg)}"}
 
 
+def _split(td) -> str:
+    return getattr(td, "split", "train")  # data.train unless the data says data.valid
+
+
 def store_path(cfg: AvrConfig, split: str = "train") -> Path:
     """Where the reference log-probs of data.<split> (train or valid) live."""
     key = "logps.path" if split == "train" else "logps.valid_path"
@@ -113,7 +117,7 @@ def make_stamp(cfg: AvrConfig, td: TrainingData, layout) -> dict:
         "format": FORMAT,
         "reference": reference_identity(cfg),
         "tokenizer_fingerprint": td.tokenizer_fingerprint,
-        "data": {td.split: str(getattr(cfg.data, td.split)),
+        "data": {_split(td): str(getattr(cfg.data, _split(td))),
                  "files_fingerprint": td.files_fingerprint,
                  "examples_fingerprint": td.data.fingerprint(), "examples": len(td.data)},
         "tokenisation": {"seq_length": cfg.train.seq_length, "overlong": cfg.data.overlong},
@@ -128,7 +132,7 @@ def make_stamp(cfg: AvrConfig, td: TrainingData, layout) -> dict:
 def load_store(cfg: AvrConfig, td: TrainingData) -> tuple[np.ndarray, np.ndarray, dict]:
     """(ref chosen [units], ref rejected [units], stamp) aligned with td's units, after checking
     that the store belongs to this reference, tokenizer and data."""
-    path = store_path(cfg, td.split)
+    path = store_path(cfg, _split(td))
     recompute = (f"recompute them with `avr logps` and the same recipe (it writes {path}), or "
                  "set loss.reference=online")
     if not (path / STAMP).is_file():
@@ -359,7 +363,7 @@ def compute_store(cfg: AvrConfig, td: TrainingData, chunks, layout, *, use_te: b
     from avr_megatron.runtime.distributed import is_rank0
     from avr_megatron.training.losses.common import SequenceLogprobs
 
-    path = store_path(cfg, td.split)
+    path = store_path(cfg, _split(td))
     parts = path / PARTS
     stamp = make_stamp(cfg, td, layout)
     key = _stamp_key(stamp)
