@@ -4,9 +4,9 @@ Written from the checkpoint alone (its recipe, config.yaml, and its avr_checkpoi
 so `avr convert mcore-to-hf` and `checkpoint.export_hf` at the end of training give the same
 card: the stage and iteration, the base model it started from (and, for DPO, the reference
 model), the data it was trained and validated on with their fingerprints, the tokenizer's
-fingerprint, the key hyper-parameters and the last validation metrics. The YAML front matter
-follows the Hugging Face model-card metadata (library_name, base_model, tags). The full recipe
-travels next to it as avr_config.yaml.
+fingerprint, the key hyper-parameters and the last validation metrics, and the whole resolved
+recipe at the end. The YAML front matter follows the Hugging Face model-card metadata
+(library_name, base_model, tags).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _rows(pairs) -> list[str]:
     return ["| " + " | ".join(str(c) for c in row) + " |" for row in pairs]
 
 
-def model_card(cfg, meta: dict, ckpt_dir: Path) -> str:
+def model_card(cfg, meta: dict, ckpt_dir: Path, recipe: str = "") -> str:
     state = meta.get("state") or {}
     lineage = state.get("lineage") or {}
     stage = state.get("stage")
@@ -99,14 +99,16 @@ def model_card(cfg, meta: dict, ckpt_dir: Path) -> str:
         lines += ["", "## Validation (last evaluation)", "", "| metric | value |", "|---|---|"]
         lines += _rows((k, f"{v:.6g}") for k, v in metrics.items()
                        if isinstance(v, (int, float)) and k != "eval/seconds")
-    lines += ["", "The full recipe is `avr_config.yaml` next to this card; the base model's own "
-              "card, when it had one, is `BASE_MODEL_README.md`.", ""]
+    lines += ["", "The base model's own card, when it had one, is `BASE_MODEL_README.md`.", "",
+              "<details><summary>The training recipe (resolved)</summary>", "", "```yaml",
+              recipe.rstrip(), "```", "", "</details>", ""]
     return "\n".join(lines)
 
 
 def write_model_card(out: Path, ckpt_dir: Path, assets: Path | None) -> None:
-    """README.md (the card), avr_config.yaml (the recipe) and BASE_MODEL_README.md (the base
-    model's card, if the checkpoint's assets had one) into the export directory `out`."""
+    """README.md (the card, ending with the resolved recipe) and BASE_MODEL_README.md (the base
+    model's card, if the checkpoint's assets had one) into the export directory `out`. Cards
+    name paths, so content fingerprints (data/fingerprint.py) leave Markdown files out."""
     import shutil
 
     from avr_megatron.checkpoint.dist_ckpt import CONFIG_FILE, read_config, read_meta
@@ -114,5 +116,5 @@ def write_model_card(out: Path, ckpt_dir: Path, assets: Path | None) -> None:
     if assets is not None and (assets / "README.md").is_file():
         shutil.copy2(assets / "README.md", out / "BASE_MODEL_README.md")
     cfg = read_config(ckpt_dir)
-    (out / "README.md").write_text(model_card(cfg, read_meta(ckpt_dir), ckpt_dir))
-    shutil.copy2(ckpt_dir / CONFIG_FILE, out / "avr_config.yaml")
+    recipe = (ckpt_dir / CONFIG_FILE).read_text()
+    (out / "README.md").write_text(model_card(cfg, read_meta(ckpt_dir), ckpt_dir, recipe))

@@ -53,15 +53,19 @@ def _card(directory: Path, path: Path, records: list[dict[str, Any]], columns, t
 
     from avr_megatron.data.dataset_card import write_dataset_card
 
+    def name(engine) -> str | None:  # no absolute paths: the same data makes the same card
+        return engine.name or (Path(engine.model).name if engine.model else None)
+
     kinds = Counter(r.get("pair_type") or r.get("kind") for r in records)
     s = cfg.synth
     write_dataset_card(
         directory, [path], title=title, description=description, rows=len(records),
         columns=columns, tags=["preference" if "chosen" in columns else "sft"],
-        provenance={"written by": f"avr-megatron `avr pairs` from {stage_dir(cfg, 'stage1').parent}",
-                    "records by type": dict(kinds), "policy model": s.policy.name or s.policy.model,
-                    "reward model": s.reward.name or s.reward.model,
-                    "prompts": s.input.path, "run.seed": cfg.run.seed,
+        provenance={"written by": "avr-megatron `avr pairs`",
+                    "records by type": dict(sorted(kinds.items(), key=str)),
+                    "policy model": name(s.policy), "reward model": name(s.reward),
+                    "prompts": Path(s.input.path).name if s.input.path else None,
+                    "run.seed": cfg.run.seed,
                     "synth.pairs.gating": s.pairs.gating,
                     "synth.pairs.mix_source_chosen": s.pairs.mix_source_chosen})
 

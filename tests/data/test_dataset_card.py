@@ -34,3 +34,15 @@ def test_card_loads_with_datasets_and_names_its_data(tmp_path):
     write_dataset_card(d, [d / "train.parquet"], title="Pairs", description="Toy pairs.",
                        rows=3, columns=list(rows[0]), provenance={})
     assert load_dataset(str(d), split="train").num_rows == 3
+
+
+def test_cards_do_not_change_content_fingerprints(tmp_path):
+    from avr_megatron.data.fingerprint import fingerprint_dir
+
+    pq.write_table(pa.Table.from_pylist([{"id": "a"}]), tmp_path / "train.parquet")
+    before = fingerprint_dir(tmp_path)
+    write_dataset_card(tmp_path, [tmp_path / "train.parquet"], title="t", description="d",
+                       rows=1, columns=["id"], provenance={"made at": str(tmp_path)})
+    assert fingerprint_dir(tmp_path) == before
+    pq.write_table(pa.Table.from_pylist([{"id": "b"}]), tmp_path / "train.parquet")
+    assert fingerprint_dir(tmp_path) != before

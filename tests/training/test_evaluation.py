@@ -96,7 +96,8 @@ def test_validation_matches_training_metrics_and_is_logged(tmp_path):
     assert [("eval/loss" in row) for row in r["dpo_rows"]] == [True, True]
     assert r["dpo_summary_eval"]["eval/loss"] == r["dpo_rows"][-1]["eval/loss"]
     card, fp = r["card"], r["dpo_summary_eval"]
-    assert "avr_config.yaml" in r["exported"] and "model.safetensors" in r["exported"]
+    assert "README.md" in r["exported"] and "model.safetensors" in r["exported"]
+    assert "```yaml" in card and "reward_gap_weight_max" in card  # the resolved recipe
     assert "preference optimisation" in card and "iteration 2 of 2" in card
     assert "iter_0000005" in card and "reference model" in card and "iter_0000001" in card
     assert str(tmp_path / "valid" / "pairs.jsonl") in card and "14 examples" in card
