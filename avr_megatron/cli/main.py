@@ -54,6 +54,10 @@ def _load(cmd: Command, args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a process of its own (not a call from tests or another command)
+        from avr_megatron.training.signals import install_startup_handlers
+
+        install_startup_handlers()
     parser = _build_parser()
     args = parser.parse_args(argv)
     cmd: Command = args._command

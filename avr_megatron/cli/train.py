@@ -1,7 +1,7 @@
 """`avr train sft|dpo` and `avr logps`: training stages and reference log-probs from a recipe.
 
-Exit codes: 0 done, 2 bad recipe/data/reference log-probs (message names the key, file, record
-or field), 1 aborted (non-finite losses), 75 preempted (SIGTERM/SIGUSR1: checkpoint saved;
+Exit codes: 0 done, 2 bad recipe/data/reference log-probs/checkpoint (message names the key,
+file, record or field; a checkpoint whose pickles would run code is refused), 1 aborted (non-finite losses), 75 preempted (SIGTERM/SIGUSR1: checkpoint saved;
 rerun the same command to resume).
 """
 
@@ -19,6 +19,7 @@ def shutdown() -> None:
 
 
 def _report(stage: str, fn, cfg) -> int:
+    from avr_megatron.checkpoint.dist_ckpt import CheckpointError
     from avr_megatron.data.records import DataError
     from avr_megatron.runtime.distributed import is_rank0
     from avr_megatron.training.loop import TrainingAborted
@@ -26,7 +27,7 @@ def _report(stage: str, fn, cfg) -> int:
 
     try:
         result = fn(cfg)
-    except (DataError, ReferenceLogpsError) as e:
+    except (DataError, ReferenceLogpsError, CheckpointError) as e:
         print(f"avr {stage}: error: {e}", file=sys.stderr)
         shutdown()
         return 2
