@@ -161,6 +161,11 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
     _barrier()
     sharded = _model_sharded_state_dict(chunks)
     if optimizer is not None:
+        # Before its first successful step (every step so far non-finite, or a save at once)
+        # torch's Adam has no state, which Megatron's distributed optimizer cannot save (a bare
+        # AssertionError): give it the never-stepped state explicitly (zero moments, step 0),
+        # which steps exactly like no state and is saved and resumed like any other.
+        _materialize_optimizer_state(optimizer, fresh=True)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPTIM_METADATA)
     if scheduler is not None:
         sharded["scheduler"] = scheduler.state_dict()
@@ -225,12 +230,14 @@ def _restore_adam_steps(optimizer, steps: list[float | None] | None) -> None:
                 st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
 
 
-def _materialize_optimizer_state(optimizer) -> None:
-    """Give a never-stepped optimizer its state tensors before loading into it. Without Apex/TE
-    Megatron wraps torch's Adam, whose per-parameter state (including `step`) only exists after a
-    first step, and the distributed optimizer's state_dict requires it (a resume happens before
-    any step). One step with zero gradients and lr=0 creates the state without changing any
-    parameter (also with decoupled weight decay); the loaded values then replace it."""
+def _materialize_optimizer_state(optimizer, fresh: bool = False) -> None:
+    """Give a never-stepped optimizer its state tensors before loading into it (or saving it).
+    Without Apex/TE Megatron wraps torch's Adam, whose per-parameter state (including `step`)
+    only exists after a first step, and the distributed optimizer's state_dict requires it (a
+    resume happens before any step). One step with zero gradients and lr=0 creates the state
+    without changing any parameter (also with decoupled weight decay); the loaded values then
+    replace it. `fresh`: then reset every state tensor to zero (moments and step), the state of
+    a never-stepped optimizer: the next real step is the same as from no state."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if inner is None:
@@ -246,6 +253,11 @@ def _materialize_optimizer_state(optimizer) -> None:
             for p in params:
                 p.grad = torch.zeros_like(p)
             inner.step()
+            if fresh:
+                for p in params:
+                    for value in inner.state[p].values():
+                        if torch.is_tensor(value):
+                            value.zero_()
             for g, lr in zip(inner.param_groups, lrs):
                 g["lr"] = lr
             for p, grad in zip(params, grads):
