@@ -18,6 +18,7 @@ tools such as `avr convert mcore-to-hf` need nothing but the checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from avr_megatron.checkpoint import safe_load
 from avr_megatron.config import AvrConfig, save_config
 from avr_megatron.models.llama import unwrap
 
+log = logging.getLogger(__name__)
 FORMAT = "avr-megatron/dist-ckpt/1"
 META_FILE = "avr_checkpoint.json"
 CONFIG_FILE = "config.yaml"
@@ -41,6 +43,10 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class RefusedCheckpointError(CheckpointError):
+    """The checkpoint holds a pickle that would run code (see safe_load): never fall back."""
 
 
 def iter_dir_name(iteration: int) -> str:
@@ -90,6 +96,67 @@ def resolve(path: str | os.PathLike) -> Path:
     if not complete:
         raise CheckpointError(f"no complete checkpoint under {path} (no {META_FILE} found)")
     return complete[-1][1]
+
+
+def checkpoints_newest_first(root: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints under a root: the one `latest` names first, then the others
+    from the highest iteration down."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _ITER_DIR.match(p.name)) and is_checkpoint(p)]
+    order = [p for _, p in sorted(found, reverse=True)]
+    latest = root / "latest"
+    if latest.is_file():
+        target = root / latest.read_text().strip()
+        if target in order:
+            order.remove(target)
+            order.insert(0, target)
+    return order
+
+
+def load_newest_intact(root: str | os.PathLike, chunks: list[torch.nn.Module], *, optimizer=None,
+                       scheduler=None, any_rank=None) -> tuple[dict, Path] | None:
+    """Resume: load the newest checkpoint under `root` that loads, falling back to older ones
+    (with a warning naming the bad one) when the newest is truncated or corrupted; each attempt
+    replaces every weight and optimizer value, so a failed partial load leaves nothing behind.
+    `any_rank(failed) -> bool` makes all ranks agree to fall back together. None when there is
+    no checkpoint; CheckpointError when none loads, or one is refused as unsafe."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    candidates = checkpoints_newest_first(root)
+    errors = []
+    for i, ckpt in enumerate(candidates):
+        error: BaseException | None = None
+        try:
+            meta = load_checkpoint(ckpt, chunks, optimizer=optimizer, scheduler=scheduler)
+        except RefusedCheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:
+            error = e
+        failed = any_rank(error is not None) if any_rank is not None else error is not None
+        if not failed:
+            return meta, ckpt
+        reason = _describe(error) if error is not None else "it failed to load on another rank"
+        errors.append(f"{ckpt.name} ({reason})")
+        nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+        log.warning("checkpoint %s cannot be loaded (%s); %s", ckpt, reason,
+                    f"falling back to the previous one, {nxt}" if nxt else "no older one left")
+    if candidates:
+        raise CheckpointError(f"no checkpoint under {root} loads: {'; '.join(errors)}")
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    """One line: DCP's per-rank wrapper is unwrapped to the first rank's own error."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        error = first[0] if isinstance(first, tuple) else first
+    text = " ".join(str(error).split()) or ("a file ends early (truncated)"
+                                            if isinstance(error, EOFError) else "no message")
+    return f"{type(error).__name__}: {text[:300]}"
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -313,7 +380,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
             loaded, _, absent = dist_checkpointing.load(sharded, str(ckpt),
                                                         strict=StrictHandling.RETURN_UNEXPECTED)
     except safe_load.UnsafeCheckpointError as e:
-        raise CheckpointError(f"{ckpt}: not loaded: {e}") from None
+        raise RefusedCheckpointError(f"{ckpt}: not loaded: {e}") from None
     lacking = sorted(key for key in absent if key not in extra)
     if lacking:
         raise CheckpointError(f"{ckpt} lacks {len(lacking)} tensor(s) or object(s) this model "

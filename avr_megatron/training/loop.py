@@ -93,7 +93,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
 
     def _build(self):
-        from avr_megatron.checkpoint.dist_ckpt import CheckpointError, load_checkpoint, resolve
+        from avr_megatron.checkpoint.dist_ckpt import CheckpointError, load_newest_intact, resolve
         from avr_megatron.models.llama import build_model, unwrap
         from avr_megatron.runtime.distributed import seed_everything
         from avr_megatron.training.init import load_initial_weights
@@ -122,7 +122,11 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg)
         state = {}
         if resume_from is not None:
-            meta = load_checkpoint(resume_from, chunks, optimizer=optimizer, scheduler=scheduler)
+            # The newest checkpoint that loads: a corrupted newest one is named in a warning and
+            # the previous one used (checkpoint.keep_last >= 2 keeps one).
+            meta, resume_from = load_newest_intact(
+                self.ckpt_dir, chunks, optimizer=optimizer, scheduler=scheduler,
+                any_rank=lambda failed: _any_rank(failed)[0])
             state = meta["state"]
             self._check_resume(state, resume_from)
             log.info("resumed from %s at iteration %d", resume_from, meta["iteration"])
