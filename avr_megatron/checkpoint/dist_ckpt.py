@@ -31,6 +31,7 @@ import torch.distributed as dist
 from avr_megatron.checkpoint import safe_load
 from avr_megatron.config import AvrConfig, save_config
 from avr_megatron.models.llama import unwrap
+from avr_megatron.runtime.files import describe_error
 
 log = logging.getLogger(__name__)
 FORMAT = "avr-megatron/dist-ckpt/1"
@@ -138,7 +139,8 @@ def load_newest_intact(root: str | os.PathLike, chunks: list[torch.nn.Module], *
         failed = any_rank(error is not None) if any_rank is not None else error is not None
         if not failed:
             return meta, ckpt
-        reason = _describe(error) if error is not None else "it failed to load on another rank"
+        reason = (describe_error(error) if error is not None
+                  else "it failed to load on another rank")
         errors.append(f"{ckpt.name} ({reason})")
         nxt = candidates[i + 1] if i + 1 < len(candidates) else None
         log.warning("checkpoint %s cannot be loaded (%s); %s", ckpt, reason,
@@ -146,17 +148,6 @@ def load_newest_intact(root: str | os.PathLike, chunks: list[torch.nn.Module], *
     if candidates:
         raise CheckpointError(f"no checkpoint under {root} loads: {'; '.join(errors)}")
     return None
-
-
-def _describe(error: BaseException) -> str:
-    """One line: DCP's per-rank wrapper is unwrapped to the first rank's own error."""
-    failures = getattr(error, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        error = first[0] if isinstance(first, tuple) else first
-    text = " ".join(str(error).split()) or ("a file ends early (truncated)"
-                                            if isinstance(error, EOFError) else "no message")
-    return f"{type(error).__name__}: {text[:300]}"
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -255,6 +246,27 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
             _prune(root, keep_last)
     _barrier()
     return final
+
+
+def save_failure(root: str | os.PathLike, iteration: int, error: BaseException):
+    """After a failed `save_checkpoint`: a StorageError (disk full, read-only, ...) naming the
+    path, the checkpoint kept and how to resume, or None when the storage is not the cause. The
+    partial save is removed (rank 0) after the diagnosis, freeing its space."""
+    from avr_megatron.runtime.files import storage_error
+
+    root = Path(root)
+    tmp = root / f".{iter_dir_name(iteration)}.tmp"
+    kept = checkpoints_newest_first(root)
+    err = storage_error(tmp if tmp.parent.is_dir() else root, error,
+                        kept=(f"the previous checkpoint {kept[0]}" if kept else
+                              "no checkpoint (none was saved before)") +
+                        "; the partial save was removed",
+                        resume="free space (or make it writable) and rerun the same command: "
+                               + (f"it resumes from {kept[0].name}" if kept else
+                                  "it starts again from the beginning"))
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return err
 
 
 def _prune(root: Path, keep_last: int) -> None:

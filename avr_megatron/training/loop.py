@@ -167,15 +167,24 @@ class Trainer:
         return int(lengths.sum()), int(targets), int((lengths ** 2).sum())
 
     def _save(self, iteration: int, counters: dict) -> Path:
-        from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
+        from avr_megatron.checkpoint.dist_ckpt import save_checkpoint, save_failure
 
         state = {"stage": self.objective.name, "iteration": iteration,
                  "consumed_bins": iteration * self.cfg.train.global_batch_size,
                  "examples_fingerprint": self.data.data.fingerprint(), **counters}
         keep = self.cfg.checkpoint.keep_last or None
-        return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
-                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                               keep_last=keep)
+        try:
+            return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
+                                   optimizer=self.optimizer, scheduler=self.scheduler,
+                                   state=state, keep_last=keep)
+        except BaseException as e:  # disk full / read-only: say so, name what was kept
+            # (DCP reports write failures as CheckpointException, a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = save_failure(self.ckpt_dir, iteration, e)
+            if error is None:
+                raise
+            raise error from e
 
     def _mfu_denominator(self) -> float | None:
         if not on_gpu():
