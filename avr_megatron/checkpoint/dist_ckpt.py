@@ -118,11 +118,12 @@ def checkpoints_newest_first(root: str | os.PathLike) -> list[Path]:
 
 
 def load_newest_intact(root: str | os.PathLike, chunks: list[torch.nn.Module], *, optimizer=None,
-                       scheduler=None, any_rank=None) -> tuple[dict, Path] | None:
+                       scheduler=None, any_rank=None, **load_options) -> tuple[dict, Path] | None:
     """Resume: load the newest checkpoint under `root` that loads, falling back to older ones
     (with a warning naming the bad one) when the newest is truncated or corrupted; each attempt
     replaces every weight and optimizer value, so a failed partial load leaves nothing behind.
-    `any_rank(failed) -> bool` makes all ranks agree to fall back together. None when there is
+    `any_rank(failed) -> bool` makes all ranks agree to fall back together; `load_options` go
+    to `load_checkpoint`. None when there is
     no checkpoint; CheckpointError when none loads, or one is refused as unsafe."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
@@ -131,7 +132,8 @@ def load_newest_intact(root: str | os.PathLike, chunks: list[torch.nn.Module], *
     for i, ckpt in enumerate(candidates):
         error: BaseException | None = None
         try:
-            meta = load_checkpoint(ckpt, chunks, optimizer=optimizer, scheduler=scheduler)
+            meta = load_checkpoint(ckpt, chunks, optimizer=optimizer, scheduler=scheduler,
+                                   **load_options)
         except RefusedCheckpointError:
             raise
         except (Exception, CheckpointException) as e:
@@ -227,7 +229,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPTIM_METADATA)
     if scheduler is not None:
         sharded["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(sharded, str(tmp))
+    dist_checkpointing.save(sharded, str(tmp),
+                            sharded_strategy=_save_strategy(cfg.checkpoint.fully_parallel_save))
     _barrier()
     if _rank() == 0:
         meta = checkpoint_meta(iteration, cfg, has_optimizer=optimizer is not None,
@@ -362,10 +365,49 @@ def _extra_state_objects(sharded: dict) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+def _data_parallel_group():
+    """The ranks holding replicas of the same shards (data parallel, with context parallel),
+    or None when there is only one."""
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _save_strategy(fully_parallel: bool):
+    """torch_dist; fully parallel: each replicated shard is written by one of its data-parallel
+    holders, spread evenly, rather than all by data-parallel rank 0 (Megatron-LM's
+    --ckpt-fully-parallel-save, its default)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    group = _data_parallel_group() if fully_parallel else None
+    return strategy if group is None else FullyParallelSaveStrategyWrapper(strategy, group)
+
+
+def _load_strategy(ckpt: Path, fully_parallel: bool):
+    """torch_dist; fully parallel: the data-parallel ranks each read part of the replicated
+    shards and exchange them (Megatron-LM's --ckpt-fully-parallel-load)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    strategy = get_default_load_sharded_strategy(str(ckpt))
+    group = _data_parallel_group() if fully_parallel else None
+    return strategy if group is None else FullyParallelLoadStrategyWrapper(strategy, group)
+
+
 def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, optimizer=None,
-                    scheduler=None, strict: bool = True) -> dict:
+                    scheduler=None, strict: bool = True, fully_parallel: bool = False) -> dict:
     """Load weights (any TP/PP layout) and, when given, optimizer and scheduler state (same
-    TP/PP layout as saved). Returns the checkpoint's metadata (with `state`).
+    TP/PP layout as saved). Returns the checkpoint's metadata (with `state`). `fully_parallel`:
+    checkpoint.fully_parallel_load (the data-parallel ranks share the reading).
 
     Every tensor the model and optimizer need must be in the checkpoint; of the `_extra_state`
     objects only those may be missing (see _extra_state_objects). Transformer Engine FP8 extra
@@ -373,7 +415,11 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from avr_megatron.checkpoint.extra_state import te_may_unpickle, vet_state_dict
+    from avr_megatron.checkpoint.extra_state import (
+        UnsafeExtraStateError,
+        te_may_unpickle,
+        vet_state_dict,
+    )
 
     ckpt = resolve(path)
     meta = read_meta(ckpt)
@@ -389,8 +435,9 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
     try:
         with safe_load.guarded():
             safe_load.check_legacy_common(ckpt)
-            loaded, _, absent = dist_checkpointing.load(sharded, str(ckpt),
-                                                        strict=StrictHandling.RETURN_UNEXPECTED)
+            loaded, _, absent = dist_checkpointing.load(
+                sharded, str(ckpt), sharded_strategy=_load_strategy(ckpt, fully_parallel),
+                strict=StrictHandling.RETURN_UNEXPECTED)
     except safe_load.UnsafeCheckpointError as e:
         raise RefusedCheckpointError(f"{ckpt}: not loaded: {e}") from None
     lacking = sorted(key for key in absent if key not in extra)
@@ -401,7 +448,11 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
     for i, chunk in enumerate(chunks):
         ck = chunk_key(i, len(chunks))
         state = loaded[ck]
-        with te_may_unpickle(vet_state_dict(state, f"{ckpt} ({ck})")):
+        try:
+            te_pickles = vet_state_dict(state, ck)
+        except UnsafeExtraStateError as e:
+            raise CheckpointError(f"{ckpt}: not loaded: {e}") from None
+        with te_may_unpickle(te_pickles):
             result = unwrap(chunk).load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if (ck, k) not in tolerated]
         if strict and (missing or result.unexpected_keys):
