@@ -129,6 +129,18 @@ class PrecisionConfig:
 
 
 @dataclass
+class DDPConfig:
+    """Megatron's DistributedDataParallel: gradient buffers and data-parallel communication."""
+
+    # Reduce gradients bucket by bucket while the backward pass still runs (overlapped with
+    # compute); None: on for GPU runs, off on CPU.
+    overlap_grad_reduce: Optional[bool] = None
+    # With optimizer.use_distributed_optimizer: all-gather the updated parameters bucket by
+    # bucket during the next forward pass; None: on for GPU runs with the distributed optimizer.
+    overlap_param_gather: Optional[bool] = None
+
+
+@dataclass
 class OptimizerConfig:
     # adam (AdamW: decoupled weight decay) or sgd, through Megatron's optimizer.
     name: str = "adam"
@@ -241,6 +253,10 @@ class LogpsConfig:
     reference: InitFromConfig = field(default_factory=InitFromConfig)
     # `avr logps` writes a part file every this many microbatch rounds, and resumes after them.
     save_every: int = 64
+    # Compute reference log-probs (stored and online) under precision.fp8 too. Off: the reference
+    # runs in bf16 (or fp32) even when the policy trains in FP8, because a forward-only pass
+    # never calibrates delayed-scaling FP8 scales (they keep their initial values).
+    fp8: bool = False
 
 
 @dataclass
@@ -257,6 +273,12 @@ class CheckpointConfig:
     save_final: bool = True
     # Hugging Face directory to export the final weights to (conversion code); None: no export.
     export_hf: Optional[str] = None
+    # Spread the writing of data-parallel replicas over all data-parallel ranks (Megatron's
+    # fully-parallel save) instead of data-parallel rank 0 writing them all.
+    fully_parallel_save: bool = True
+    # Each data-parallel rank reads part of the checkpoint and they exchange it (Megatron's
+    # fully-parallel load): fewer file-system reads at scale, more GPU memory while loading.
+    fully_parallel_load: bool = False
 
 
 @dataclass
@@ -622,6 +644,7 @@ class AvrConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -110,6 +110,20 @@ def _parallel_layout(cfg: AvrConfig) -> list[str]:
                     f"parallel.virtual_pipeline_model_parallel_size={vpp or 1})")
     if p.sequence_parallel and tp == 1:
         errs.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+    t = cfg.train
+    tokens = t.seq_length * t.micro_batch_size  # a microbatch's tokens (one THD row under TE)
+    if p.sequence_parallel and tp > 1 and tokens % tp:
+        errs.append(f"parallel.sequence_parallel=true splits each microbatch's tokens over the "
+                    f"TP ranks: train.seq_length x train.micro_batch_size = {tokens} is not "
+                    f"divisible by {tpk}")
+    if vpp is not None and pp > 1 and t.micro_batch_size >= 1 and \
+            t.global_batch_size % t.micro_batch_size == 0 and \
+            (t.global_batch_size // t.micro_batch_size) % pp:
+        errs.append(f"interleaved pipelining (parallel.virtual_pipeline_model_parallel_size="
+                    f"{vpp}) runs a multiple of parallel.pipeline_model_parallel_size={pp} "
+                    f"microbatches per step and data-parallel rank: train.global_batch_size / "
+                    f"train.micro_batch_size = {t.global_batch_size // t.micro_batch_size} is "
+                    f"not a multiple of {pp}")
     return errs
 
 
@@ -140,6 +154,9 @@ def _training(cfg: AvrConfig) -> list[str]:
         errs.append(f"optimizer.lr={o.lr} must be > 0")
     if not 0 <= o.min_lr <= o.lr:
         errs.append(f"optimizer.min_lr={o.min_lr} must be in [0, optimizer.lr={o.lr}]")
+    if cfg.ddp.overlap_param_gather and not o.use_distributed_optimizer:
+        errs.append("ddp.overlap_param_gather=true needs optimizer.use_distributed_optimizer=true "
+                    "(parameters are all-gathered from the optimizer's shards)")
     if o.clip_grad < 0:
         errs.append(f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
     for key in ("train_iters", "micro_batch_size", "global_batch_size", "seq_length",
@@ -403,6 +420,8 @@ def _launch_slurm(cfg: AvrConfig) -> list[str]:
             errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                         f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
                         f"(launch.slurm.train: {world} processes / TP x PP x CP = {model})")
+        else:
+            errs += interleaving_microbatches(cfg, dp)
     for role in ("policy", "reward"):
         e = getattr(cfg.synth, role)
         if e.backend == "vllm" and s.synth.gpus_per_node and \
@@ -432,6 +451,20 @@ def _non_finite_floats(node: Any, prefix: str = "") -> list[str]:
         key = f"{prefix}{name}" if name.startswith("[") or not prefix else f"{prefix}.{name}"
         errs += _non_finite_floats(value, key)
     return errs
+
+
+def interleaving_microbatches(cfg: AvrConfig, dp: int) -> list[str]:
+    """Megatron's interleaved schedule needs the microbatches of a step (per data-parallel
+    rank) to be a multiple of the pipeline size (and so at least it)."""
+    p, t = cfg.parallel, cfg.train
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    n = t.global_batch_size // (t.micro_batch_size * dp)
+    if vpp is None or pp < 2 or n % pp == 0:
+        return []
+    return [f"interleaved pipelining (parallel.virtual_pipeline_model_parallel_size={vpp}) "
+            f"needs the microbatches per step, train.global_batch_size / (train.micro_batch_size "
+            f"x data-parallel size {dp}) = {n}, to be a multiple of "
+            f"parallel.pipeline_model_parallel_size={pp}"]
 
 
 def validate_config(cfg: AvrConfig) -> AvrConfig:

@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from avr_megatron.checkpoint import safe_load
 from avr_megatron.config.schema import ModelConfig
 from avr_megatron.conversion.errors import ConversionError
 from avr_megatron.conversion.mapping import ModelTensor
@@ -91,8 +92,12 @@ def global_shape(t: ModelTensor, num_layers: int) -> tuple[int, ...]:
 
 
 def extra_state_key(t: ModelTensor, num_layers: int) -> str:
-    """Megatron's ShardedObject key for the `_extra_state` of a layer's linear module."""
+    """Megatron's ShardedObject key for the `_extra_state` of the module holding `t`: per layer,
+    offset and shape along the layer axis; outside the layers, offset 0 of shape 1
+    (transformer/utils.py `_get_extra_state_offsets`)."""
     module = storage_key(t).rsplit(".", 1)[0]
+    if t.layer is None:
+        return f"{module}._extra_state/shard_0_1"
     return f"{module}._extra_state/shard_{t.layer}_{num_layers}"
 
 
@@ -319,9 +324,13 @@ class DistReader:
         self.path = Path(path)
         if not (self.path / ".metadata").is_file():
             raise ConversionError(f"{self.path}: no torch_dist checkpoint here (.metadata missing)")
+        safe_load.install()  # `.metadata` is unpickled with the metadata types only
         self._reader = _CachedReader(str(self.path))
         try:
-            self.metadata = self._reader.read_metadata()
+            with safe_load.guarded():
+                self.metadata = self._reader.read_metadata()
+        except safe_load.UnsafeCheckpointError as e:
+            raise ConversionError(f"not loaded: {e}") from None
         except Exception as e:
             raise ConversionError(f"{self.path / '.metadata'}: unreadable ({e})") from None
         self.tensors: dict[str, TensorStorageMetadata] = {
@@ -338,9 +347,11 @@ class DistReader:
             regions.setdefault(key, []).append((tuple(offsets), dest))
             out.append(dest)
         try:
-            with _dcp_call():
+            with safe_load.guarded(), _dcp_call():
                 dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(regions),
                          no_dist=True)
+        except safe_load.UnsafeCheckpointError as e:
+            raise ConversionError(f"{self.path}: not loaded: {e}") from None
         except Exception as e:
             keys = sorted(regions)
             raise ConversionError(f"{self.path}: cannot read {', '.join(keys)}: "

@@ -44,7 +44,7 @@ class Param:
     layout: Layout = Layout.SAME
     tp_dim: int | None = None                 # Megatron tensor-parallel partition dim
     glu: bool = False                         # fc1: TP rank r holds [gate_r; up_r]
-    extra_state: bool = False                 # its module saves an `_extra_state` object
+    extra_state: bool = False                 # its module saves an `_extra_state` object (TE spec)
     untied_only: bool = False                 # absent when embeddings are tied
 
 
@@ -68,7 +68,9 @@ PARAMS: tuple[Param, ...] = (
           Layout.STACK, tp_dim=0, glu=True, extra_state=True),
     Param("decoder.layers.{i}.mlp.linear_fc2.weight",
           ((_L + "mlp.down_proj.weight", ("H", "F")),), tp_dim=1, extra_state=True),
-    Param("decoder.final_layernorm.weight", (("model.norm.weight", ("H",)),)),
+    # Under Transformer Engine the final norm is TE's RMSNorm, which has `_extra_state` (the
+    # local spec's norm has none; the extra object does not disturb a local-spec load).
+    Param("decoder.final_layernorm.weight", (("model.norm.weight", ("H",)),), extra_state=True),
     Param("output_layer.weight", (("lm_head.weight", ("V", "H")),), Layout.VOCAB, tp_dim=0,
           untied_only=True),
 )

@@ -80,28 +80,54 @@ def _rows(path: Path) -> Iterator[tuple[int, Any]]:
             table = pq.read_table(path)
         except Exception as e:
             raise DataError(f"{path}: cannot read Parquet: {e}") from e
-        for i, row in enumerate(table.to_pylist(), 1):
-            yield i, row
-        return
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1)
-        while head and head.isspace():
-            head = f.read(1)
-        f.seek(0)
-        if head == "[":  # a .json file holding one array of records
+        start = 0
+        for batch in table.to_batches(max_chunksize=1024):
             try:
-                rows = json.load(f)
+                rows = batch.to_pylist()
+            except UnicodeDecodeError:
+                for k in range(batch.num_rows):  # find the record
+                    try:
+                        batch.slice(k, 1).to_pylist()
+                    except UnicodeDecodeError as e:
+                        raise DataError(f"{path}: record {start + k + 1}: a string is not valid "
+                                        f"UTF-8 ({e.reason} at byte {e.start} of the value)"
+                                        ) from None
+                raise
+            yield from enumerate(rows, start + 1)
+            start += batch.num_rows
+        return
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()[:1]
+        f.seek(0)
+        if head == b"[":  # a .json file holding one array of records
+            try:
+                rows = json.loads(_decode(f.read(), path))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: invalid JSON: {e}") from e
             yield from enumerate(rows, 1)
             return
-        for i, line in enumerate(f, 1):
+        offset = 0
+        for i, raw in enumerate(f, 1):
+            line = _decode(raw, path, line=i, offset=offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
                 yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {i}: invalid JSON: {e}") from e
+
+
+def _decode(data: bytes, path: Path, *, line: int | None = None, offset: int = 0) -> str:
+    """UTF-8 text, or a DataError naming the file, line and byte offset of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if line is None:  # a whole file: find the line
+            line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line}: not valid UTF-8 (byte {data[e.start]:#04x} at byte "
+                        f"offset {offset + e.start} of the file); re-encode the file as UTF-8"
+                        ) from None
 
 
 def _where(path: Path, row: int, record: Any) -> str:
@@ -134,6 +160,11 @@ def _messages(value: Any, field: str, where: str, *, last_role: str | None = Non
         if not isinstance(content, str):
             raise DataError(f"{where}: field {at + '.content'!r}: expected a string, got "
                             f"{type(content).__name__}")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:  # a JSON "\\ud800" escape: no tokenizer takes it
+            raise DataError(f"{where}: field {at + '.content'!r}: not valid UTF-8 text (a lone "
+                            f"surrogate at character {e.start})") from None
         out.append({"role": role, "content": content})
     if last_role is not None and out[-1]["role"] != last_role:
         raise DataError(f"{where}: field {field!r}: the last message must have role "

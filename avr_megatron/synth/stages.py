@@ -320,9 +320,12 @@ def build_stage1(rows: Sequence[dict[str, Any]], cfg: AvrConfig, *, mix_source_c
             summary.add_outcome("source_chosen", "source_chosen:used_as_y0")
         else:
             mixed.append(record)
-    sft = _count_duplicates(summary, lambda r: "rsft" if r["kind"] == "rsft" else "source_chosen", rsft + mixed)
+    def output_of(record: dict[str, Any]) -> str:
+        return "rsft" if record["kind"] == "rsft" else "source_chosen"
+
+    sft = _count_duplicates(summary, output_of, rsft + mixed)
     for record in sft:
-        summary.add_outcome("rsft" if record["kind"] == "rsft" else "source_chosen", None)
+        summary.add_outcome(output_of(record), None)
     random.Random(cfg.run.seed).shuffle(sft)
     pairs = _count_duplicates(summary, lambda r: r["pair_type"], pairs)
     summary.add_pairs(pairs, [])

@@ -93,7 +93,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
 
     def _build(self):
-        from avr_megatron.checkpoint.dist_ckpt import CheckpointError, load_checkpoint, resolve
+        from avr_megatron.checkpoint.dist_ckpt import CheckpointError, load_newest_intact, resolve
         from avr_megatron.models.llama import build_model, unwrap
         from avr_megatron.runtime.distributed import seed_everything
         from avr_megatron.training.init import load_initial_weights
@@ -122,7 +122,12 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg)
         state = {}
         if resume_from is not None:
-            meta = load_checkpoint(resume_from, chunks, optimizer=optimizer, scheduler=scheduler)
+            # The newest checkpoint that loads: a corrupted newest one is named in a warning and
+            # the previous one used (checkpoint.keep_last >= 2 keeps one).
+            meta, resume_from = load_newest_intact(
+                self.ckpt_dir, chunks, optimizer=optimizer, scheduler=scheduler,
+                any_rank=lambda failed: _any_rank(failed)[0],
+                fully_parallel=cfg.checkpoint.fully_parallel_load)
             state = meta["state"]
             self._check_resume(state, resume_from)
             log.info("resumed from %s at iteration %d", resume_from, meta["iteration"])
@@ -164,15 +169,26 @@ class Trainer:
         return int(lengths.sum()), int(targets), int((lengths ** 2).sum())
 
     def _save(self, iteration: int, counters: dict) -> Path:
-        from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
+        from avr_megatron.checkpoint.dist_ckpt import save_checkpoint, save_failure
+        from avr_megatron.training.setup import params_synced
 
         state = {"stage": self.objective.name, "iteration": iteration,
                  "consumed_bins": iteration * self.cfg.train.global_batch_size,
                  "examples_fingerprint": self.data.data.fingerprint(), **counters}
         keep = self.cfg.checkpoint.keep_last or None
-        return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
-                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                               keep_last=keep)
+        try:
+            with params_synced(self.chunks):
+                return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
+                                       optimizer=self.optimizer, scheduler=self.scheduler,
+                                       state=state, keep_last=keep)
+        except BaseException as e:  # disk full / read-only: say so, name what was kept
+            # (DCP reports write failures as CheckpointException, a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = save_failure(self.ckpt_dir, iteration, e)
+            if error is None:
+                raise
+            raise error from e
 
     def _mfu_denominator(self) -> float | None:
         if not on_gpu():
@@ -189,7 +205,7 @@ class Trainer:
         from avr_megatron.training.flops import forward_flops
         from avr_megatron.training.metrics_log import MetricsLog, ProgressLog
         from avr_megatron.training.reference import schedule_shape
-        from avr_megatron.training.setup import num_microbatches
+        from avr_megatron.training.setup import num_microbatches, params_synced
         from avr_megatron.training.step import forward_backward, optimizer_step
 
         cfg, rank0 = self.cfg, is_rank0()
@@ -286,6 +302,8 @@ class Trainer:
             exported = export_final(resolve(self.ckpt_dir), cfg)
         summary = self._summary(status, start, iteration, history, t_start, exported)
         metrics_log.close(summary)
+        with params_synced(self.chunks):  # the returned chunks hold the final weights
+            pass
         return TrainResult(status, EXIT_PREEMPTED if status == "preempted" else 0, summary,
                            self.chunks, self.optimizer, self.scheduler)
 

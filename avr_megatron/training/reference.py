@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -89,6 +89,21 @@ def store_path(cfg: AvrConfig) -> Path:
     return train.with_name(train.name + ".ref_logps")
 
 
+def reference_config(cfg: AvrConfig) -> AvrConfig:
+    """The config the reference model is built with: the run's, without FP8 unless logps.fp8
+    asks for it (bf16/fp32 per precision.bf16)."""
+    if cfg.precision.fp8 is None or cfg.logps.fp8:
+        return cfg
+    return replace(cfg, precision=replace(cfg.precision, fp8=None, fp8_param=False))
+
+
+def reference_precision(cfg: AvrConfig) -> str:
+    """The numeric format reference log-probs are computed in, as recorded in the stamp."""
+    pr = reference_config(cfg).precision
+    base = "bf16" if pr.bf16 else "fp32"
+    return base if pr.fp8 is None else f"{base}+fp8-{pr.fp8}-{pr.fp8_recipe}"
+
+
 def make_stamp(cfg: AvrConfig, td: TrainingData, layout) -> dict:
     return {
         "format": FORMAT,
@@ -97,7 +112,7 @@ def make_stamp(cfg: AvrConfig, td: TrainingData, layout) -> dict:
         "data": {"train": str(cfg.data.train), "files_fingerprint": td.files_fingerprint,
                  "examples_fingerprint": td.data.fingerprint(), "examples": len(td.data)},
         "tokenisation": {"seq_length": cfg.train.seq_length, "overlong": cfg.data.overlong},
-        "precision": "bf16" if cfg.precision.bf16 else "fp32",
+        "precision": reference_precision(cfg),
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
     }
 
@@ -134,10 +149,11 @@ def load_store(cfg: AvrConfig, td: TrainingData) -> tuple[np.ndarray, np.ndarray
             f"reference log-probs at {path} were computed with another tokenizer or chat "
             f"template (fingerprint {stamp['tokenizer_fingerprint']}, this run: "
             f"{td.tokenizer_fingerprint}): {recompute}")
-    mine_precision = "bf16" if cfg.precision.bf16 else "fp32"
+    mine_precision = reference_precision(cfg)
     if stamp.get("precision") != mine_precision:
-        log.warning("reference log-probs at %s were computed in %s; this run trains in %s",
-                    path, stamp.get("precision"), mine_precision)
+        log.warning("reference log-probs at %s were computed in %s; this run's reference "
+                    "precision is %s (precision.*, logps.fp8)", path, stamp.get("precision"),
+                    mine_precision)
     import pyarrow.parquet as pq
 
     table = pq.read_table(path / TABLE).to_pydict()
@@ -199,12 +215,23 @@ def schedule_shape(seq_length: int, bins_per_microbatch: int, use_te: bool) -> t
     return (seq_length * bins_per_microbatch, 1) if use_te else (seq_length, bins_per_microbatch)
 
 
+def schedule_microbatches(n: int, pipeline_size: int, interleaved: bool) -> int:
+    """How many microbatches to run for n real ones. Megatron's interleaved (virtual pipeline)
+    schedule accepts only a multiple of the pipeline size, and at least the pipeline size
+    (microbatch_group_size_per_vp_stage = PP: pipeline_parallel/schedules.py); the other
+    schedules take any count."""
+    if not interleaved or pipeline_size == 1 or n == 0:
+        return n
+    return max(pipeline_size, -(-n // pipeline_size) * pipeline_size)
+
+
 def forward_sequence_logprobs(chunks, batches: list[PackedBatch], seq_logprobs: Callable,
                               *, use_te: bool, bf16: bool, seq_length: int,
                               bins_per_microbatch: int) -> list[torch.Tensor] | None:
     """Per-sequence log-probs of each batch from a forward-only pass through Megatron's
     schedule (any TP/PP/VPP). Returns one tensor per batch on the last pipeline stage, None on
-    other stages."""
+    other stages. Under interleaving a count the schedule refuses is padded with repeats of the
+    last batch, whose outputs are dropped."""
     from functools import partial
 
     from megatron.core import parallel_state
@@ -221,15 +248,22 @@ def forward_sequence_logprobs(chunks, batches: list[PackedBatch], seq_logprobs: 
         return packed_forward(model, batch, use_te=use_te, bf16=bf16), partial(loss_func, batch)
 
     s, mbs = schedule_shape(seq_length, bins_per_microbatch, use_te)
-    iters = [iter(batches) for _ in chunks]
+    n = len(batches)
+    m = schedule_microbatches(n, parallel_state.get_pipeline_model_parallel_world_size(),
+                              len(chunks) > 1)
+    run = batches + batches[-1:] * (m - n)
+    iters = [iter(run) for _ in chunks]
     with torch.no_grad():
         out = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
-            model=chunks, num_microbatches=len(batches), seq_length=s, micro_batch_size=mbs,
+            model=chunks, num_microbatches=m, seq_length=s, micro_batch_size=mbs,
             forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return [o["seq"].cpu() for o in out]
+    seqs = [o["seq"] for o in out[:n]]
+    if not seqs:
+        return []
+    return list(torch.cat(seqs).cpu().split([len(x) for x in seqs]))  # one copy to the host
 
 
 class OnlineReference:
@@ -255,14 +289,15 @@ class OnlineReference:
 
 
 def build_reference_model(cfg: AvrConfig) -> list[torch.nn.Module]:
-    """The reference model in this run's layout, weights from logps.reference (else
-    model.init_from, else the same seeded random init as the policy), frozen."""
+    """The reference model in this run's layout and reference precision (reference_config),
+    weights from logps.reference (else model.init_from, else the same seeded random init as
+    the policy), frozen."""
     from avr_megatron.models.llama import build_model
     from avr_megatron.runtime.distributed import seed_everything
     from avr_megatron.training.init import load_initial_weights
 
     seed_everything(cfg.run.seed)
-    chunks = build_model(cfg)
+    chunks = build_model(reference_config(cfg))
     load_initial_weights(chunks, cfg, reference_source(cfg), "logps.reference")
     for chunk in chunks:
         chunk.eval()

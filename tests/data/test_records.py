@@ -90,3 +90,29 @@ def test_duplicate_ids_and_invalid_json(tmp_path):
         read_preferences(f)
     with pytest.raises(DataError, match="no such file"):
         read_sft(tmp_path / "missing")
+
+
+def test_non_utf8_names_file_line_and_offset(tmp_path):
+    ok = json.dumps({"id": "a", "messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "r"}]})
+    jsonl, array = tmp_path / "a.jsonl", tmp_path / "b.json"
+    jsonl.write_bytes(f"{ok}\n\n".encode() + b'{"id": "caf\xc3"}\n')
+    with pytest.raises(DataError, match=rf"a.jsonl: line 3: not valid UTF-8 \(byte 0xc3 at byte "
+                                        rf"offset {len(ok) + 2 + 11} of the file\)"):
+        read_sft(jsonl)
+    array.write_bytes(f"[{ok},\n{ok},\n".encode() + b'{"id": "\xff"}]')
+    with pytest.raises(DataError, match=r"b.json: line 3: not valid UTF-8 \(byte 0xff"):
+        read_sft(array)
+    lone = tmp_path / "c.jsonl"
+    lone.write_text(ok.replace('"r"', '"half \\ud800"') + "\n")  # a JSON escape, valid UTF-8
+    with pytest.raises(DataError, match=r"c.jsonl: line 1 \(id 'a'\): field 'messages\[1\].content': "
+                                        "not valid UTF-8 text"):
+        read_sft(lone)
+
+
+def test_non_utf8_parquet_names_the_record(tmp_path):
+    values = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(
+        bytes([0, 0, 0, 0, 2, 0, 0, 0, 6, 0, 0, 0])), pa.py_buffer(b"okcaf\xe9")])
+    pq.write_table(pa.table({"id": values, "messages": [[], []]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d.parquet: record 2: a string is not valid UTF-8"):
+        read_sft(tmp_path / "d.parquet")

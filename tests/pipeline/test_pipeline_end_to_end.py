@@ -60,6 +60,28 @@ def test_every_stage_ran_and_wrote_its_outputs(full_run):
     for root, kind in [("base", "stage1"), ("thought_sft", "stage2")]:
         sft = datasets.load_dataset(str(run_dir / "data" / root / kind / "sft"), split="train")
         assert sft.num_rows > 0 and "messages" in sft.column_names
+    # The method's reference defaults. Stage-1 pairs: every response / improvement pair's chosen
+    # answer is at or above r(y0), and a prompt has other pairs only with its response pair.
+    for root in ("base", "onpolicy"):
+        pairs = datasets.load_dataset(str(run_dir / "data" / root / "stage1" / "preference"), split="train").to_list()
+        assert all(p["reward_chosen"] >= p["reward_base"] for p in pairs if p["pair_type"] != "criticism")
+        with_response = {p["prompt_id"] for p in pairs if p["pair_type"] == "response"}
+        assert {p["prompt_id"] for p in pairs} == with_response
+        report = json.loads((run_dir / "data" / root / "stage1" / "summary.json").read_text())
+        assert report["pair_rules"] == "reference" and "duplicates_removed" in report["report"]
+    # RSFT data: y0 is the shipped ("chosen") answer, so each of the 16 prompts gives exactly one
+    # conversation: its RSFT example, or else its chosen conversation.
+    rsft = datasets.load_dataset(str(run_dir / "data" / "base" / "stage1" / "sft"), split="train")
+    assert rsft.num_rows == 16 and set(rsft["kind"]) <= {"rsft", "source"}
+    assert len(set(rsft["prompt_id"])) == 16
+    # Stage 2 starts from the shipped answers, and thought pairs beat their reward.
+    shipped = {json.loads(line)["id"]: json.loads(line)["answer"]
+               for line in (REPO / "data" / "prompts" / "tiny_prompts.jsonl").read_text().splitlines()}
+    searches = datasets.load_dataset(str(run_dir / "synth" / "stage2" / "stage2"), split="train").to_list()
+    assert searches and all(r["y0"] == shipped[r["prompt_id"]] for r in searches)
+    source_reward = {r["prompt_id"]: r["reward_y0"] for r in searches}
+    for p in datasets.load_dataset(str(run_dir / "data" / "lcdpo" / "stage2" / "preference"), split="train"):
+        assert p["reward_base"] == source_reward[p["prompt_id"]] < p["reward_chosen"]
     # Training stages: summaries, checkpoints and loadable HF exports.
     for name in ("rsft", "stage1_dpo", "thought_sft", "lcdpo"):
         summary = json.loads((run_dir / "stages" / name / "train_summary.json").read_text())

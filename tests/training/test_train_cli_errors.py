@@ -83,3 +83,20 @@ def test_too_little_data_for_one_step_is_a_data_error(tmp_path, tok, capsys):
                      "train.global_batch_size=4", "train.micro_batch_size=2")
     assert code == 2
     assert f"data.train={data}: the data fill 1 bins, fewer than one global batch" in err
+
+
+@pytest.mark.parametrize("command", [("train", "sft"), ("train", "dpo"), ("logps",)])
+def test_non_utf8_training_data_names_file_line_and_offset(tmp_path, tok, capsys, command):
+    """A Latin-1 byte in a JSONL file: exit 2 naming file, line and byte offset (it was a
+    UnicodeDecodeError traceback naming nothing)."""
+    good = {"id": "a", "messages": [{"role": "user", "content": "q"},
+                                    {"role": "assistant", "content": "r"}],
+            "prompt": [{"role": "user", "content": "q"}], "chosen": "x", "rejected": "y"}
+    data = tmp_path / "data.jsonl"
+    first = (json.dumps(good) + "\n").encode()
+    data.write_bytes(first + b'{"id": "b", "prompt": "caf\xe9"}\n')
+    code, err = _run(capsys, *command, f"run.dir={tmp_path / 'run'}", f"data.train={data}",
+                     f"data.tokenizer={tok}")
+    assert code == 2, err
+    assert f"{data}: line 2: not valid UTF-8 (byte 0xe9 at byte offset {len(first) + 26} " in err
+    assert "Traceback" not in err
