@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from avr_megatron.config import AvrConfig, ConfigError, save_config
-from avr_megatron.data.batches import collate
+from avr_megatron.data.batches import collate, trims_padding
 from avr_megatron.data.dataset import TrainingData
 from avr_megatron.data.sampler import StepSampler
 from avr_megatron.runtime.device import device, on_gpu
@@ -93,7 +93,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
 
     def _build(self):
-        from avr_megatron.checkpoint.dist_ckpt import CheckpointError, load_checkpoint, resolve
+        from avr_megatron.checkpoint.dist_ckpt import CheckpointError, load_newest_intact, resolve
         from avr_megatron.models.llama import build_model, unwrap
         from avr_megatron.runtime.distributed import seed_everything
         from avr_megatron.training.init import load_initial_weights
@@ -122,8 +122,12 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg)
         state = {}
         if resume_from is not None:
-            meta = load_checkpoint(resume_from, chunks, optimizer=optimizer, scheduler=scheduler,
-                                   fully_parallel=cfg.checkpoint.fully_parallel_load)
+            # The newest checkpoint that loads: a corrupted newest one is named in a warning and
+            # the previous one used (checkpoint.keep_last >= 2 keeps one).
+            meta, resume_from = load_newest_intact(
+                self.ckpt_dir, chunks, optimizer=optimizer, scheduler=scheduler,
+                any_rank=lambda failed: _any_rank(failed)[0],
+                fully_parallel=cfg.checkpoint.fully_parallel_load)
             state = meta["state"]
             self._check_resume(state, resume_from)
             log.info("resumed from %s at iteration %d", resume_from, meta["iteration"])
@@ -150,8 +154,9 @@ class Trainer:
         bins = self.sampler.rank_batch(step, parallel_state.get_data_parallel_rank(),
                                        self.layout.dp)
         k = self.bins_per_microbatch
-        return [collate(self.data.data, self.data.plan, bins[i:i + k], self.data.chat.pad_id)
-                for i in range(0, len(bins), k)]
+        trim = trims_padding(self.use_te, self.layout.pp)
+        return [collate(self.data.data, self.data.plan, bins[i:i + k], self.data.chat.pad_id,
+                        trim=trim) for i in range(0, len(bins), k)]
 
     def _step_tokens(self, step: int) -> tuple[int, int, int]:
         """(real tokens, trained tokens, sum of squared sequence lengths) of the global batch."""
@@ -164,17 +169,26 @@ class Trainer:
         return int(lengths.sum()), int(targets), int((lengths ** 2).sum())
 
     def _save(self, iteration: int, counters: dict) -> Path:
-        from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
+        from avr_megatron.checkpoint.dist_ckpt import save_checkpoint, save_failure
         from avr_megatron.training.setup import params_synced
 
         state = {"stage": self.objective.name, "iteration": iteration,
                  "consumed_bins": iteration * self.cfg.train.global_batch_size,
                  "examples_fingerprint": self.data.data.fingerprint(), **counters}
         keep = self.cfg.checkpoint.keep_last or None
-        with params_synced(self.chunks):
-            return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
-                                   optimizer=self.optimizer, scheduler=self.scheduler,
-                                   state=state, keep_last=keep)
+        try:
+            with params_synced(self.chunks):
+                return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
+                                       optimizer=self.optimizer, scheduler=self.scheduler,
+                                       state=state, keep_last=keep)
+        except BaseException as e:  # disk full / read-only: say so, name what was kept
+            # (DCP reports write failures as CheckpointException, a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = save_failure(self.ckpt_dir, iteration, e)
+            if error is None:
+                raise
+            raise error from e
 
     def _mfu_denominator(self) -> float | None:
         if not on_gpu():
