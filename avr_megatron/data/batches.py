@@ -65,9 +65,21 @@ class PackedBatch:
         return int((self.segment >= 0).sum())
 
 
+def trims_padding(use_te: bool, pipeline_parallel_size: int) -> bool:
+    """Whether micro-batches drop their all-padding tail columns (`collate(..., trim=True)`):
+    on the local spec every sequence attends only to itself, so a shorter row changes nothing
+    but the work, and without pipeline parallelism no stage expects a fixed activation shape.
+    The Transformer Engine (THD) path keeps whole bins."""
+    return not use_te and pipeline_parallel_size == 1
+
+
 def collate(data: TokenizedDataset, plan: PackingPlan, bins: Sequence[int],
-            pad_id: int) -> PackedBatch:
+            pad_id: int, *, trim: bool = False) -> PackedBatch:
+    """The bins as one micro-batch of [len(bins), L] rows: L = the bin capacity, or with `trim`
+    the fullest bin's fill (padding that only fills bins up to capacity is never computed)."""
     L = plan.capacity
+    if trim and len(bins):
+        L = max(1, int(np.max(plan.fill[np.asarray(bins, dtype=np.int64)])))
     n = len(bins)
     tokens = np.full((n, L), pad_id, dtype=np.int64)
     labels = np.zeros((n, L), dtype=np.int64)

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from avr_megatron.config import AvrConfig, ConfigError, save_config
-from avr_megatron.data.batches import collate
+from avr_megatron.data.batches import collate, trims_padding
 from avr_megatron.data.dataset import TrainingData
 from avr_megatron.data.sampler import StepSampler
 from avr_megatron.runtime.device import device, on_gpu
@@ -154,8 +154,9 @@ class Trainer:
         bins = self.sampler.rank_batch(step, parallel_state.get_data_parallel_rank(),
                                        self.layout.dp)
         k = self.bins_per_microbatch
-        return [collate(self.data.data, self.data.plan, bins[i:i + k], self.data.chat.pad_id)
-                for i in range(0, len(bins), k)]
+        trim = trims_padding(self.use_te, self.layout.pp)
+        return [collate(self.data.data, self.data.plan, bins[i:i + k], self.data.chat.pad_id,
+                        trim=trim) for i in range(0, len(bins), k)]
 
     def _step_tokens(self, step: int) -> tuple[int, int, int]:
         """(real tokens, trained tokens, sum of squared sequence lengths) of the global batch."""

@@ -350,7 +350,7 @@ def compute_store(cfg: AvrConfig, td: TrainingData, chunks, layout, *, use_te: b
     from megatron.core import parallel_state
     from tqdm import tqdm
 
-    from avr_megatron.data.batches import collate
+    from avr_megatron.data.batches import collate, trims_padding
     from avr_megatron.runtime.distributed import is_rank0
     from avr_megatron.training.losses.common import SequenceLogprobs
 
@@ -382,6 +382,7 @@ def compute_store(cfg: AvrConfig, td: TrainingData, chunks, layout, *, use_te: b
     seq_logprobs = SequenceLogprobs(cfg.model.vocab_size, cfg.loss.logprob_chunk_size).sequences
     writer = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
               and parallel_state.get_tensor_model_parallel_rank() == 0)
+    trim = trims_padding(use_te, layout.pp)
     start = time.time()
     bar = tqdm(range(num_rounds), desc="avr logps", unit="round",
                disable=not (progress and rank0) or None)  # None: on a terminal only
@@ -391,7 +392,7 @@ def compute_store(cfg: AvrConfig, td: TrainingData, chunks, layout, *, use_te: b
             continue
         bins = np.arange(r * per_round, min((r + 1) * per_round, td.plan.num_bins))
         mine = bins[dp_rank::dp]
-        batches = [collate(td.data, td.plan, mine[k:k + mbs], td.chat.pad_id)
+        batches = [collate(td.data, td.plan, mine[k:k + mbs], td.chat.pad_id, trim=trim)
                    for k in range(0, len(mine), mbs)]
         rows = {"unit": [], "chosen": [], "rejected": []}
         if batches:
