@@ -90,9 +90,9 @@ def _report(stage: str, fn, cfg) -> int:
               f"{s['checkpoint_dir']}")
         code = result.exit_code
     elif is_rank0():
-        path, computed = result
-        print(f"avr {stage}: reference log-probs {'written to' if computed else 'up to date in'}"
-              f" {path}")
+        for path, computed in result:
+            print(f"avr {stage}: reference log-probs "
+                  f"{'written to' if computed else 'up to date in'} {path}")
     shutdown()
     return code
 

@@ -185,6 +185,12 @@ class TrainConfig:
     # Log every this many steps: TensorBoard, W&B and, off a terminal (Slurm logs), one plain
     # progress line (step, loss, tokens/s, model TFLOP/s per GPU, memory, ETA).
     log_interval: int = 1
+    # Evaluate on data.valid every this many steps and after the last one (Megatron-Bridge's
+    # name); 0 or None: only after the last step. Metrics: eval/loss and, for DPO,
+    # eval/rewards/accuracies, eval/rewards/margins, ... (TRL's names, under eval/).
+    eval_interval: Optional[int] = None
+    # Global batches of validation data per evaluation; None: all of data.valid.
+    eval_iters: Optional[int] = None
     # A step whose loss or gradients are NaN/inf is skipped (no update) and counted; this many
     # skipped steps in a row abort the run.
     max_consecutive_nonfinite: int = 3
@@ -197,6 +203,9 @@ class DataConfig:
     # {"id", "prompt": [messages], "chosen": [assistant message], "rejected": [...],
     # "reward_gap" (optional unless loss.reward_gap uses it), ...}. Extra columns are ignored.
     train: Optional[str] = None
+    # Held-out data in the same format (validation loss, and for DPO reward accuracy/margins,
+    # every train.eval_interval steps); None: no validation.
+    valid: Optional[str] = None
     # Hugging Face tokenizer directory (its chat template is used); None: model.init_from.hf.
     tokenizer: Optional[str] = None
     # Examples longer than a bin (train.seq_length; a preference pair needs chosen + rejected to
@@ -212,6 +221,17 @@ class DataConfig:
     shuffle: bool = True
     # Train for this many passes over the data (sets train.train_iters); None: train.train_iters.
     num_epochs: Optional[int] = None
+    # Tokenise once, map everywhere: auto (use the prepared, memory-mapped form of the data,
+    # building it on first use: one process builds, the others wait) | required (use it, fail
+    # when it was not built by `avr prepare`) | in_memory (every rank tokenises the data itself,
+    # as before; no files written).
+    prepared: str = "auto"
+    # Where prepared data is kept (one subdirectory per data version and tokenisation setting);
+    # None: next to the data, <data.train>.prepared/ (<data.valid>.prepared/), or
+    # <run.dir>/prepared/ for a glob.
+    prepared_dir: Optional[str] = None
+    # Processes that tokenise when preparing; None: every core this process may use.
+    prepare_workers: Optional[int] = None
 
 
 @dataclass
@@ -249,6 +269,8 @@ class LogpsConfig:
     # Where reference log-probs are written (`avr logps`) and read (loss.reference=precomputed);
     # None: next to data.train, as <data.train>.ref_logps/.
     path: Optional[str] = None
+    # The same for the validation pairs (data.valid); None: <data.valid>.ref_logps/.
+    valid_path: Optional[str] = None
     # The reference model; unset: model.init_from (the policy's initial weights).
     reference: InitFromConfig = field(default_factory=InitFromConfig)
     # `avr logps` writes a part file every this many microbatch rounds, and resumes after them.

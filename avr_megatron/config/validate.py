@@ -191,6 +191,15 @@ def _data(cfg: AvrConfig) -> list[str]:
     errs += _choice(d.sft_loss_on, "data.sft_loss_on", ("all", "last"))
     if d.num_epochs is not None and d.num_epochs < 1:
         errs.append(f"data.num_epochs={d.num_epochs} must be >= 1 (or null)")
+    errs += _choice(d.prepared, "data.prepared", ("auto", "required", "in_memory"))
+    if d.prepare_workers is not None and d.prepare_workers < 1:
+        errs.append(f"data.prepare_workers={d.prepare_workers} must be >= 1 (or null: every "
+                    "core)")
+    t = cfg.train
+    if t.eval_interval is not None and t.eval_interval < 0:
+        errs.append(f"train.eval_interval={t.eval_interval} must be >= 0 (or null)")
+    if t.eval_iters is not None and t.eval_iters < 1:
+        errs.append(f"train.eval_iters={t.eval_iters} must be >= 1 (or null: all of data.valid)")
     if cfg.train.max_consecutive_nonfinite < 1:
         errs.append(f"train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite} "
                     "must be >= 1")

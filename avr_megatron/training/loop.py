@@ -72,8 +72,12 @@ def _write_json(path: Path, obj: dict) -> None:
 
 class Trainer:
     def __init__(self, cfg: AvrConfig, objective, data: TrainingData, layout: ParallelLayout,
-                 *, use_te: bool, progress: bool = True, extra_summary: dict | None = None):
+                 *, use_te: bool, progress: bool = True, extra_summary: dict | None = None,
+                 validation=None):
+        """validation: an avr_megatron.training.evaluation.Validation (data.valid), or None."""
         self.cfg, self.objective, self.data, self.layout = cfg, objective, data, layout
+        self.validation = validation
+        self.last_eval: dict = {}
         self.use_te, self.progress = use_te, progress
         self.extra_summary = extra_summary or {}
         t = cfg.train
@@ -164,7 +168,7 @@ class Trainer:
         units = np.concatenate([plan.bin(int(b)) for b in self.sampler.global_batch(step)])
         seqs = np.concatenate([np.arange(u * d.seqs_per_unit, (u + 1) * d.seqs_per_unit)
                                for u in units])
-        lengths = d.seq_lengths[seqs]
+        lengths = d.seq_offsets[seqs + 1] - d.seq_offsets[seqs]  # only this batch's entries
         targets = sum(d.sequence_targets(int(s)) for s in seqs)
         return int(lengths.sum()), int(targets), int((lengths ** 2).sum())
 
@@ -174,7 +178,8 @@ class Trainer:
 
         state = {"stage": self.objective.name, "iteration": iteration,
                  "consumed_bins": iteration * self.cfg.train.global_batch_size,
-                 "examples_fingerprint": self.data.data.fingerprint(), **counters}
+                 "examples_fingerprint": self.data.data.fingerprint(), **counters,
+                 "lineage": self._lineage()}
         keep = self.cfg.checkpoint.keep_last or None
         try:
             with params_synced(self.chunks):
@@ -189,6 +194,36 @@ class Trainer:
             if error is None:
                 raise
             raise error from e
+
+    def _lineage(self) -> dict:
+        """What an exported model's card says it was trained on (see conversion/model_card)."""
+        def data(td):
+            return {"files_fingerprint": td.files_fingerprint,
+                    "examples_fingerprint": td.data.fingerprint(), "examples": len(td.data),
+                    "tokens": td.data.summary.tokens}
+
+        return {"train_iters": self.train_iters,
+                "tokenizer_fingerprint": self.data.tokenizer_fingerprint,
+                "train": data(self.data),
+                "valid": data(self.validation.data) if self.validation else None,
+                "eval": self.last_eval or None}
+
+    def _evaluate(self, seq_length: int, mbs: int, n_mb: int) -> dict:
+        from megatron.core import parallel_state
+
+        from avr_megatron.training.evaluation import evaluate
+
+        t0 = time.time()
+        t = self.cfg.train
+        result = evaluate(self.objective, self.chunks, self.validation,
+                          global_batch_size=t.global_batch_size,
+                          micro_batch_size=self.bins_per_microbatch, eval_iters=t.eval_iters,
+                          dp_rank=parallel_state.get_data_parallel_rank(), dp=self.layout.dp,
+                          seq_length=seq_length, schedule_micro_batch_size=mbs,
+                          microbatches_per_call=n_mb)
+        result["eval/seconds"] = time.time() - t0
+        self.last_eval = result
+        return result
 
     def _mfu_denominator(self) -> float | None:
         if not on_gpu():
@@ -269,6 +304,10 @@ class Trainer:
                 row["tflops_per_gpu"] = flops / seconds / self.layout.world_size / 1e12
                 if mfu_den:
                     row["mfu"] = flops / seconds / mfu_den
+                every = cfg.train.eval_interval or 0
+                if self.validation is not None and (
+                        (every and (it + 1) % every == 0) or it + 1 == self.train_iters):
+                    row.update(self._evaluate(seq_length, mbs, n_mb))
                 history.add({"iteration": it + 1, **row})
                 metrics_log.log(it + 1, row)
                 bar.update(it + 1, row)
@@ -326,6 +365,8 @@ class Trainer:
                             for k in keys if all(isinstance(h.get(k), (int, float))
                                                  for h in history.tail)},
             "data": self.data.summary(),
+            "eval": self.last_eval or None,
+            "valid_data": self.validation.data.summary() if self.validation else None,
             **self.extra_summary,
         }
         if is_rank0():
