@@ -215,8 +215,9 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
     tmp = root / f".{final.name}.tmp"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        # Partial saves of killed runs (one trainer writes a checkpoint root at a time).
+        for stale in root.glob(".iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
     sharded = _model_sharded_state_dict(chunks)
