@@ -215,8 +215,9 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
     tmp = root / f".{final.name}.tmp"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        # Partial saves of killed runs (one trainer writes a checkpoint root at a time).
+        for stale in root.glob(".iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
     sharded = _model_sharded_state_dict(chunks)
@@ -451,7 +452,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
         try:
             te_pickles = vet_state_dict(state, ck)
         except UnsafeExtraStateError as e:
-            raise CheckpointError(f"{ckpt}: not loaded: {e}") from None
+            raise RefusedCheckpointError(f"{ckpt}: not loaded: {e}") from None
         with te_may_unpickle(te_pickles):
             result = unwrap(chunk).load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if (ck, k) not in tolerated]

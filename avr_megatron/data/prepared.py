@@ -123,6 +123,8 @@ def _sum_summaries(kind: str, summaries: Sequence[dict]) -> DataSummary:
             setattr(total, k, getattr(total, k) + s[k])
         for reason, n in s["dropped"].items():  # first-seen order, as one pass would count
             total.dropped[reason] = total.dropped.get(reason, 0) + n
+        for name, n in s.get("notes", {}).items():
+            total.notes[name] = total.notes.get(name, 0) + n
     return total
 
 
@@ -256,7 +258,8 @@ def open_prepared(directory: Path, files: Sequence[Path]) -> tuple[TokenizedData
 
     s = meta["summary"]
     summary = DataSummary(kind, records=s["records"], used=s["used"], dropped=dict(s["dropped"]),
-                          truncated=s["truncated"], sequences=s["sequences"], tokens=s["tokens"],
+                          notes=dict(s.get("notes", {})), truncated=s["truncated"],
+                          sequences=s["sequences"], tokens=s["tokens"],
                           target_tokens=s["target_tokens"])
     data = TokenizedDataset(kind, ids, arr["seq_offsets"], arr["tokens"], arr["mask"],
                             arr.get("reward_gap"), summary, wheres=where,

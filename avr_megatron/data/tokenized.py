@@ -32,6 +32,8 @@ class DataSummary:
     # reason -> count: too_long (overlong=drop), prompt_too_long (no room left for completions
     # after truncation), no_target_after_truncation (SFT: the kept part has no assistant token).
     dropped: dict[str, int] = field(default_factory=dict)
+    # name -> count of records read in a way worth saying (see tokenize_preferences' _NOTES).
+    notes: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     sequences: int = 0
     tokens: int = 0
@@ -40,6 +42,9 @@ class DataSummary:
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def note(self, name: str) -> None:
+        self.notes[name] = self.notes.get(name, 0) + 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -204,9 +209,13 @@ def tokenize_preferences(records: Sequence[PreferenceRecord], chat: ChatTokenize
         batch = records[start:start + _BATCH]
         rendered, batch_wheres = [], []
         for r in batch:
-            for completion in (r.chosen, r.rejected):
-                rendered.append(chat.render([*r.prompt, *completion], "last", r.where))
-                batch_wheres.append(r.where)
+            info: dict = {}
+            rendered += chat.render_pair(r.prompt, r.chosen, r.rejected, r.where, info)
+            batch_wheres += [r.where, r.where]
+            if len(r.chosen) > 1 or len(r.rejected) > 1:
+                summary.note("multi_message_completions")
+            if not info["generation_prompt_fits"]:
+                summary.note("generation_prompt_not_in_conversation")
         encoded = chat.tokenize(rendered, batch_wheres)
         for k, rec in enumerate(batch):
             chosen, rejected = encoded[2 * k], encoded[2 * k + 1]
@@ -229,7 +238,27 @@ def tokenize_preferences(records: Sequence[PreferenceRecord], chat: ChatTokenize
                 summary.tokens += len(s.ids)
                 summary.target_tokens += int(s.mask[1:].sum())
     summary.used, summary.sequences = len(ids), len(seqs)
+    _warn_about_notes(summary)
     return TokenizedDataset.from_encoded("preference", ids, seqs, gaps, summary, wheres)
+
+
+_NOTES = {
+    "multi_message_completions": "have a chosen or rejected of several messages: as in TRL's "
+    "DPOTrainer, every token after the prompt is trained and scored, the turns in between "
+    "included",
+    "generation_prompt_not_in_conversation": "are rendered by a chat template whose generation "
+    "prompt adds text the conversation does not contain: as in TRL's DPOTrainer, the completion "
+    "starts where the two renderings part (after the assistant header), so that text is in "
+    "neither",
+}
+
+
+def _warn_about_notes(summary: DataSummary) -> None:
+    import logging
+
+    for name, count in summary.notes.items():
+        logging.getLogger(__name__).warning("%d of %d preference records %s", count,
+                                            summary.records, _NOTES[name])
 
 
 def require_reward_gaps(data: TokenizedDataset, mode: str) -> None:

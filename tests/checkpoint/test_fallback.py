@@ -14,15 +14,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    from avr_megatron.testing.toy_data import main as toy_main
-
-    root = tmp_path_factory.mktemp("toy")
-    toy_main([str(root)])
-    return root
-
-
 def _train(run_dir, toy, iters):
     return subprocess.run(
         [sys.executable, "-m", "avr_megatron.cli.main", "train", "sft", "--recipe",
@@ -58,6 +49,9 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, toy, d
     assert sorted(p.name for p in (run / "checkpoints").glob("iter_*")) == ["iter_0000001",
                                                                            "iter_0000002"]
     damage(run / "checkpoints" / "iter_0000002")
+    partial = run / "checkpoints" / ".iter_0000009.tmp"  # a save a kill -9 interrupted
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"\0" * 4096)
     second = _train(run, toy, 3)
     assert second.returncode == 0, second.stderr[-3000:]
     bad = run / "checkpoints" / "iter_0000002"
@@ -65,6 +59,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, toy, d
     assert f"falling back to the previous one, {run / 'checkpoints' / 'iter_0000001'}" in second.stderr
     assert f"resumed from {run / 'checkpoints' / 'iter_0000001'} at iteration 1" in second.stderr
     assert _losses(run) == _losses(tmp_path / "ref")  # iteration 2 redone, 3 as uninterrupted
+    assert not partial.exists()  # removed by the next save
 
 
 def test_keep_last_keeps_a_fallback_by_default():

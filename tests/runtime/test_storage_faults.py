@@ -49,15 +49,6 @@ def _remount(path: Path, options: str):
     subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    from avr_megatron.testing.toy_data import main as toy_main
-
-    root = tmp_path_factory.mktemp("toy")
-    toy_main([str(root)])
-    return root
-
-
 def _avr(*args, fsize: int | None = None):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
