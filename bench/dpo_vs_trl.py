@@ -82,6 +82,21 @@ def steady_rate(steps: list[dict], warmup: int) -> dict:
             "pairs_per_step": sum(s["pairs"] for s in timed) / len(timed), "steps": len(timed)}
 
 
+def best_of(runs: list[dict]) -> dict:
+    """One side's figures over repeated runs: each training mode from its fastest run, the
+    reference pass from its fastest run (interference on a shared machine only slows a run
+    down). Every run's figures are kept under "runs"."""
+    best = dict(runs[0])
+    for mode in ("precomputed", "online"):
+        if all(mode in r for r in runs):
+            best[mode] = max((r[mode] for r in runs), key=lambda m: m["tokens_per_second"])
+    if all(r.get("reference_pass") for r in runs):
+        best["reference_pass"] = min((r["reference_pass"] for r in runs),
+                                     key=lambda p: p["seconds"])
+    best["runs"] = [{k: v for k, v in r.items() if k != "pair_tokens"} for r in runs]
+    return best
+
+
 def ratios(avr: dict, trl: dict) -> dict:
     """avr / TRL speed ratios of one shape (training tokens/s; reference pass by time)."""
     out = {f"train_{m}": avr[m]["tokens_per_second"] / trl[m]["tokens_per_second"]
@@ -280,8 +295,10 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run both sides this many times (alternating); the best run counts")
     ap.add_argument("--avr-micro-bins", type=int, default=1)
-    ap.add_argument("--trl-micro-pairs", type=int, default=2)
+    ap.add_argument("--trl-micro-pairs", type=int, default=1)
     ap.add_argument("--trl-venv", type=Path, default=REPO / ".venv-trl-bench")
     ap.add_argument("--workdir", type=Path, default=None, help="keep inputs and logs here")
     args = ap.parse_args(argv)
@@ -313,8 +330,11 @@ def main(argv=None) -> int:
         print(f"[{shape}] {len(td.data)} pairs in {td.plan.num_bins} bins "
               f"({td.plan.efficiency:.1%} real tokens): {bins_per_step} bins per step", flush=True)
         t0 = time.time()
-        avr = run_avr(args, work, shape, model_dir, tok_dir, bins_per_step)
-        trl = run_trl(args, work, shape, model_dir, python)
+        avr_runs, trl_runs = [], []
+        for _ in range(args.repeats):  # alternate the sides so interference hits both alike
+            avr_runs.append(run_avr(args, work, shape, model_dir, tok_dir, bins_per_step))
+            trl_runs.append(run_trl(args, work, shape, model_dir, python))
+        avr, trl = best_of(avr_runs), best_of(trl_runs)
         ours_lengths = sorted(int(x) for x in td.data.unit_lengths)
         results[shape] = {
             "pairs": len(td.data), "bins": td.plan.num_bins,

@@ -16,3 +16,13 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
     tok = train_tiny_tokenizer(root / "tok")
     return str(make_tiny_llama(root / "policy", tok)), str(make_tiny_reward_model(root / "reward", tok))
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A folder with the toy SFT data (sft.jsonl), pairs (pairs.jsonl) and tokenizer/."""
+    from avr_megatron.testing.toy_data import main as toy_main
+
+    root = tmp_path_factory.mktemp("toy")
+    toy_main([str(root)])
+    return root

@@ -18,6 +18,7 @@ tools such as `avr convert mcore-to-hf` need nothing but the checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,7 +31,9 @@ import torch.distributed as dist
 from avr_megatron.checkpoint import safe_load
 from avr_megatron.config import AvrConfig, save_config
 from avr_megatron.models.llama import unwrap
+from avr_megatron.runtime.files import describe_error
 
+log = logging.getLogger(__name__)
 FORMAT = "avr-megatron/dist-ckpt/1"
 META_FILE = "avr_checkpoint.json"
 CONFIG_FILE = "config.yaml"
@@ -41,6 +44,10 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class RefusedCheckpointError(CheckpointError):
+    """The checkpoint holds a pickle that would run code (see safe_load): never fall back."""
 
 
 def iter_dir_name(iteration: int) -> str:
@@ -90,6 +97,59 @@ def resolve(path: str | os.PathLike) -> Path:
     if not complete:
         raise CheckpointError(f"no complete checkpoint under {path} (no {META_FILE} found)")
     return complete[-1][1]
+
+
+def checkpoints_newest_first(root: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints under a root: the one `latest` names first, then the others
+    from the highest iteration down."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _ITER_DIR.match(p.name)) and is_checkpoint(p)]
+    order = [p for _, p in sorted(found, reverse=True)]
+    latest = root / "latest"
+    if latest.is_file():
+        target = root / latest.read_text().strip()
+        if target in order:
+            order.remove(target)
+            order.insert(0, target)
+    return order
+
+
+def load_newest_intact(root: str | os.PathLike, chunks: list[torch.nn.Module], *, optimizer=None,
+                       scheduler=None, any_rank=None, **load_options) -> tuple[dict, Path] | None:
+    """Resume: load the newest checkpoint under `root` that loads, falling back to older ones
+    (with a warning naming the bad one) when the newest is truncated or corrupted; each attempt
+    replaces every weight and optimizer value, so a failed partial load leaves nothing behind.
+    `any_rank(failed) -> bool` makes all ranks agree to fall back together; `load_options` go
+    to `load_checkpoint`. None when there is
+    no checkpoint; CheckpointError when none loads, or one is refused as unsafe."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    candidates = checkpoints_newest_first(root)
+    errors = []
+    for i, ckpt in enumerate(candidates):
+        error: BaseException | None = None
+        try:
+            meta = load_checkpoint(ckpt, chunks, optimizer=optimizer, scheduler=scheduler,
+                                   **load_options)
+        except RefusedCheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:
+            error = e
+        failed = any_rank(error is not None) if any_rank is not None else error is not None
+        if not failed:
+            return meta, ckpt
+        reason = (describe_error(error) if error is not None
+                  else "it failed to load on another rank")
+        errors.append(f"{ckpt.name} ({reason})")
+        nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+        log.warning("checkpoint %s cannot be loaded (%s); %s", ckpt, reason,
+                    f"falling back to the previous one, {nxt}" if nxt else "no older one left")
+    if candidates:
+        raise CheckpointError(f"no checkpoint under {root} loads: {'; '.join(errors)}")
+    return None
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -155,16 +215,23 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
     tmp = root / f".{final.name}.tmp"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        # Partial saves of killed runs (one trainer writes a checkpoint root at a time).
+        for stale in root.glob(".iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
     sharded = _model_sharded_state_dict(chunks)
     if optimizer is not None:
+        # Before its first successful step (every step so far non-finite, or a save at once)
+        # torch's Adam has no state, which Megatron's distributed optimizer cannot save (a bare
+        # AssertionError): give it the never-stepped state explicitly (zero moments, step 0),
+        # which steps exactly like no state and is saved and resumed like any other.
+        _materialize_optimizer_state(optimizer, fresh=True)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPTIM_METADATA)
     if scheduler is not None:
         sharded["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(sharded, str(tmp))
+    dist_checkpointing.save(sharded, str(tmp),
+                            sharded_strategy=_save_strategy(cfg.checkpoint.fully_parallel_save))
     _barrier()
     if _rank() == 0:
         meta = checkpoint_meta(iteration, cfg, has_optimizer=optimizer is not None,
@@ -183,6 +250,27 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
             _prune(root, keep_last)
     _barrier()
     return final
+
+
+def save_failure(root: str | os.PathLike, iteration: int, error: BaseException):
+    """After a failed `save_checkpoint`: a StorageError (disk full, read-only, ...) naming the
+    path, the checkpoint kept and how to resume, or None when the storage is not the cause. The
+    partial save is removed (rank 0) after the diagnosis, freeing its space."""
+    from avr_megatron.runtime.files import storage_error
+
+    root = Path(root)
+    tmp = root / f".{iter_dir_name(iteration)}.tmp"
+    kept = checkpoints_newest_first(root)
+    err = storage_error(tmp if tmp.parent.is_dir() else root, error,
+                        kept=(f"the previous checkpoint {kept[0]}" if kept else
+                              "no checkpoint (none was saved before)") +
+                        "; the partial save was removed",
+                        resume="free space (or make it writable) and rerun the same command: "
+                               + (f"it resumes from {kept[0].name}" if kept else
+                                  "it starts again from the beginning"))
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return err
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -225,12 +313,14 @@ def _restore_adam_steps(optimizer, steps: list[float | None] | None) -> None:
                 st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
 
 
-def _materialize_optimizer_state(optimizer) -> None:
-    """Give a never-stepped optimizer its state tensors before loading into it. Without Apex/TE
-    Megatron wraps torch's Adam, whose per-parameter state (including `step`) only exists after a
-    first step, and the distributed optimizer's state_dict requires it (a resume happens before
-    any step). One step with zero gradients and lr=0 creates the state without changing any
-    parameter (also with decoupled weight decay); the loaded values then replace it."""
+def _materialize_optimizer_state(optimizer, fresh: bool = False) -> None:
+    """Give a never-stepped optimizer its state tensors before loading into it (or saving it).
+    Without Apex/TE Megatron wraps torch's Adam, whose per-parameter state (including `step`)
+    only exists after a first step, and the distributed optimizer's state_dict requires it (a
+    resume happens before any step). One step with zero gradients and lr=0 creates the state
+    without changing any parameter (also with decoupled weight decay); the loaded values then
+    replace it. `fresh`: then reset every state tensor to zero (moments and step), the state of
+    a never-stepped optimizer: the next real step is the same as from no state."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if inner is None:
@@ -246,6 +336,11 @@ def _materialize_optimizer_state(optimizer) -> None:
             for p in params:
                 p.grad = torch.zeros_like(p)
             inner.step()
+            if fresh:
+                for p in params:
+                    for value in inner.state[p].values():
+                        if torch.is_tensor(value):
+                            value.zero_()
             for g, lr in zip(inner.param_groups, lrs):
                 g["lr"] = lr
             for p, grad in zip(params, grads):
@@ -271,10 +366,49 @@ def _extra_state_objects(sharded: dict) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+def _data_parallel_group():
+    """The ranks holding replicas of the same shards (data parallel, with context parallel),
+    or None when there is only one."""
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _save_strategy(fully_parallel: bool):
+    """torch_dist; fully parallel: each replicated shard is written by one of its data-parallel
+    holders, spread evenly, rather than all by data-parallel rank 0 (Megatron-LM's
+    --ckpt-fully-parallel-save, its default)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    group = _data_parallel_group() if fully_parallel else None
+    return strategy if group is None else FullyParallelSaveStrategyWrapper(strategy, group)
+
+
+def _load_strategy(ckpt: Path, fully_parallel: bool):
+    """torch_dist; fully parallel: the data-parallel ranks each read part of the replicated
+    shards and exchange them (Megatron-LM's --ckpt-fully-parallel-load)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    strategy = get_default_load_sharded_strategy(str(ckpt))
+    group = _data_parallel_group() if fully_parallel else None
+    return strategy if group is None else FullyParallelLoadStrategyWrapper(strategy, group)
+
+
 def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, optimizer=None,
-                    scheduler=None, strict: bool = True) -> dict:
+                    scheduler=None, strict: bool = True, fully_parallel: bool = False) -> dict:
     """Load weights (any TP/PP layout) and, when given, optimizer and scheduler state (same
-    TP/PP layout as saved). Returns the checkpoint's metadata (with `state`).
+    TP/PP layout as saved). Returns the checkpoint's metadata (with `state`). `fully_parallel`:
+    checkpoint.fully_parallel_load (the data-parallel ranks share the reading).
 
     Every tensor the model and optimizer need must be in the checkpoint; of the `_extra_state`
     objects only those may be missing (see _extra_state_objects). Transformer Engine FP8 extra
@@ -282,7 +416,11 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from avr_megatron.checkpoint.extra_state import te_may_unpickle, vet_state_dict
+    from avr_megatron.checkpoint.extra_state import (
+        UnsafeExtraStateError,
+        te_may_unpickle,
+        vet_state_dict,
+    )
 
     ckpt = resolve(path)
     meta = read_meta(ckpt)
@@ -298,10 +436,11 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
     try:
         with safe_load.guarded():
             safe_load.check_legacy_common(ckpt)
-            loaded, _, absent = dist_checkpointing.load(sharded, str(ckpt),
-                                                        strict=StrictHandling.RETURN_UNEXPECTED)
+            loaded, _, absent = dist_checkpointing.load(
+                sharded, str(ckpt), sharded_strategy=_load_strategy(ckpt, fully_parallel),
+                strict=StrictHandling.RETURN_UNEXPECTED)
     except safe_load.UnsafeCheckpointError as e:
-        raise CheckpointError(f"{ckpt}: not loaded: {e}") from None
+        raise RefusedCheckpointError(f"{ckpt}: not loaded: {e}") from None
     lacking = sorted(key for key in absent if key not in extra)
     if lacking:
         raise CheckpointError(f"{ckpt} lacks {len(lacking)} tensor(s) or object(s) this model "
@@ -310,7 +449,11 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
     for i, chunk in enumerate(chunks):
         ck = chunk_key(i, len(chunks))
         state = loaded[ck]
-        with te_may_unpickle(vet_state_dict(state, f"{ckpt} ({ck})")):
+        try:
+            te_pickles = vet_state_dict(state, ck)
+        except UnsafeExtraStateError as e:
+            raise RefusedCheckpointError(f"{ckpt}: not loaded: {e}") from None
+        with te_may_unpickle(te_pickles):
             result = unwrap(chunk).load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if (ck, k) not in tolerated]
         if strict and (missing or result.unexpected_keys):

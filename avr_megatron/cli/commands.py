@@ -28,6 +28,9 @@ COMMANDS: list[Command] = [
             takes_recipe=False),
     Command(("smoke",), "train on synthetic counting sequences: checks an install or a layout",
             "avr_megatron.cli.smoke:run"),
+    Command(("prepare",), "tokenise data.train (and data.valid) once into memory-mapped files "
+            "that train and logps map", "avr_megatron.cli.prepare:run",
+            "avr_megatron.cli.prepare:add_arguments"),
     Command(("train", "sft"), "supervised fine-tuning on chat data (assistant tokens only)",
             "avr_megatron.cli.train:sft"),
     Command(("train", "dpo"), "preference optimisation (DPO, IPO, cDPO, reward-gap aware) on "

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_known_noise()
     from avr_megatron.config import ConfigError
+    from avr_megatron.runtime.files import EXIT_STORAGE, StorageError, storage_error
 
     try:
         cfg = _load(cmd, args) if cmd.takes_recipe else None
@@ -77,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"avr {' '.join(cmd.path)}: error: {e}", file=sys.stderr)
         return 2
+    except (StorageError, OSError) as e:  # disk full / read-only anywhere: say so, exit 74
+        error = e if isinstance(e, StorageError) else storage_error(
+            e.filename or ".", e, kept="everything finished before (every avr command writes "
+                                       "atomically and resumes where it stopped)", probe=False)
+        if error is None:
+            raise
+        print(f"avr {' '.join(cmd.path)}: error: {error}", file=sys.stderr)
+        return EXIT_STORAGE
     return int(result or 0)
 
 

@@ -1,13 +1,16 @@
 """`avr train sft|dpo` and `avr logps`: training stages and reference log-probs from a recipe.
 
 Exit codes: 0 done, 2 bad recipe/data/reference log-probs/checkpoint (message names the key,
-file, record or field; a checkpoint whose pickles would run code is refused), 1 aborted (non-finite losses), 75 preempted (SIGTERM/SIGUSR1: checkpoint saved;
+file, record or field; a checkpoint whose pickles would run code is refused), 74 storage (disk full or
+read-only: the message names the path, what was kept and how to resume), 1 aborted (non-finite losses), 75 preempted (SIGTERM/SIGUSR1: checkpoint saved;
 rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import sys
+
+from avr_megatron.runtime.files import EXIT_STORAGE
 
 
 def shutdown() -> None:
@@ -16,6 +19,38 @@ def shutdown() -> None:
         from avr_megatron.runtime.distributed import shutdown as full_shutdown
 
         full_shutdown()
+
+
+def _storage_error(stage: str, cfg, e: Exception):
+    """A StorageError for `e` (raised as one, or an OSError of a full/read-only disk while
+    writing under run.dir), else None."""
+    from pathlib import Path
+
+    from avr_megatron.runtime.files import StorageError, storage_error
+
+    if isinstance(e, StorageError):
+        return e
+    if not isinstance(e, OSError):
+        return None
+    path = e.filename or Path(cfg.run.dir)
+    kept = ("the log-prob parts written so far (the rerun computes only the rest)"
+            if stage == "logps" else "every checkpoint saved so far (the rerun resumes from the "
+                                     "newest)")
+    return storage_error(path, e, kept=kept, probe=False)
+
+
+def _failed_summary(stage: str, cfg, error) -> None:
+    """train_summary.json saying why the run stopped, where the disk allows it."""
+    import json
+    from pathlib import Path
+
+    from avr_megatron.runtime.files import atomic_write_text
+
+    try:
+        atomic_write_text(Path(cfg.run.dir) / "train_summary.json", json.dumps(
+            {"stage": stage, "status": "failed", "error": str(error)}, indent=2) + "\n")
+    except OSError:
+        pass
 
 
 def _report(stage: str, fn, cfg) -> int:
@@ -35,6 +70,15 @@ def _report(stage: str, fn, cfg) -> int:
         print(f"avr {stage}: aborted: {e}", file=sys.stderr)
         shutdown()
         return 1
+    except Exception as e:
+        error = _storage_error(stage, cfg, e)
+        if error is None:
+            raise
+        print(f"avr {stage}: error: {error}", file=sys.stderr)
+        if is_rank0():
+            _failed_summary(stage, cfg, error)
+        shutdown()
+        return EXIT_STORAGE
     code = 0
     if hasattr(result, "summary") and is_rank0():
         s = result.summary
@@ -46,9 +90,9 @@ def _report(stage: str, fn, cfg) -> int:
               f"{s['checkpoint_dir']}")
         code = result.exit_code
     elif is_rank0():
-        path, computed = result
-        print(f"avr {stage}: reference log-probs {'written to' if computed else 'up to date in'}"
-              f" {path}")
+        for path, computed in result:
+            print(f"avr {stage}: reference log-probs "
+                  f"{'written to' if computed else 'up to date in'} {path}")
     shutdown()
     return code
 

@@ -129,6 +129,18 @@ class PrecisionConfig:
 
 
 @dataclass
+class DDPConfig:
+    """Megatron's DistributedDataParallel: gradient buffers and data-parallel communication."""
+
+    # Reduce gradients bucket by bucket while the backward pass still runs (overlapped with
+    # compute); None: on for GPU runs, off on CPU.
+    overlap_grad_reduce: Optional[bool] = None
+    # With optimizer.use_distributed_optimizer: all-gather the updated parameters bucket by
+    # bucket during the next forward pass; None: on for GPU runs with the distributed optimizer.
+    overlap_param_gather: Optional[bool] = None
+
+
+@dataclass
 class OptimizerConfig:
     # adam (AdamW: decoupled weight decay) or sgd, through Megatron's optimizer.
     name: str = "adam"
@@ -173,6 +185,12 @@ class TrainConfig:
     # Log every this many steps: TensorBoard, W&B and, off a terminal (Slurm logs), one plain
     # progress line (step, loss, tokens/s, model TFLOP/s per GPU, memory, ETA).
     log_interval: int = 1
+    # Evaluate on data.valid every this many steps and after the last one (Megatron-Bridge's
+    # name); 0 or None: only after the last step. Metrics: eval/loss and, for DPO,
+    # eval/rewards/accuracies, eval/rewards/margins, ... (TRL's names, under eval/).
+    eval_interval: Optional[int] = None
+    # Global batches of validation data per evaluation; None: all of data.valid.
+    eval_iters: Optional[int] = None
     # A step whose loss or gradients are NaN/inf is skipped (no update) and counted; this many
     # skipped steps in a row abort the run.
     max_consecutive_nonfinite: int = 3
@@ -185,6 +203,9 @@ class DataConfig:
     # {"id", "prompt": [messages], "chosen": [assistant message], "rejected": [...],
     # "reward_gap" (optional unless loss.reward_gap uses it), ...}. Extra columns are ignored.
     train: Optional[str] = None
+    # Held-out data in the same format (validation loss, and for DPO reward accuracy/margins,
+    # every train.eval_interval steps); None: no validation.
+    valid: Optional[str] = None
     # Hugging Face tokenizer directory (its chat template is used); None: model.init_from.hf.
     tokenizer: Optional[str] = None
     # Examples longer than a bin (train.seq_length; a preference pair needs chosen + rejected to
@@ -200,6 +221,17 @@ class DataConfig:
     shuffle: bool = True
     # Train for this many passes over the data (sets train.train_iters); None: train.train_iters.
     num_epochs: Optional[int] = None
+    # Tokenise once, map everywhere: auto (use the prepared, memory-mapped form of the data,
+    # building it on first use: one process builds, the others wait) | required (use it, fail
+    # when it was not built by `avr prepare`) | in_memory (every rank tokenises the data itself,
+    # as before; no files written).
+    prepared: str = "auto"
+    # Where prepared data is kept (one subdirectory per data version and tokenisation setting);
+    # None: next to the data, <data.train>.prepared/ (<data.valid>.prepared/), or
+    # <run.dir>/prepared/ for a glob.
+    prepared_dir: Optional[str] = None
+    # Processes that tokenise when preparing; None: every core this process may use.
+    prepare_workers: Optional[int] = None
 
 
 @dataclass
@@ -237,6 +269,8 @@ class LogpsConfig:
     # Where reference log-probs are written (`avr logps`) and read (loss.reference=precomputed);
     # None: next to data.train, as <data.train>.ref_logps/.
     path: Optional[str] = None
+    # The same for the validation pairs (data.valid); None: <data.valid>.ref_logps/.
+    valid_path: Optional[str] = None
     # The reference model; unset: model.init_from (the policy's initial weights).
     reference: InitFromConfig = field(default_factory=InitFromConfig)
     # `avr logps` writes a part file every this many microbatch rounds, and resumes after them.
@@ -261,6 +295,12 @@ class CheckpointConfig:
     save_final: bool = True
     # Hugging Face directory to export the final weights to (conversion code); None: no export.
     export_hf: Optional[str] = None
+    # Spread the writing of data-parallel replicas over all data-parallel ranks (Megatron's
+    # fully-parallel save) instead of data-parallel rank 0 writing them all.
+    fully_parallel_save: bool = True
+    # Each data-parallel rank reads part of the checkpoint and they exchange it (Megatron's
+    # fully-parallel load): fewer file-system reads at scale, more GPU memory while loading.
+    fully_parallel_load: bool = False
 
 
 @dataclass
@@ -552,6 +592,34 @@ class EvalConfig:
 
 
 @dataclass
+class RoleEnvConfig:
+    """Where the stages of one role run (avr_megatron/launch/roles.py)."""
+
+    # The Python of this role's environment, as a command line (it may carry words, e.g.
+    # "env PYTHONPATH=/repo /venvs/synth/bin/python"); stages run `<python> -m
+    # avr_megatron.cli.main ...`. Local executors run it here; on Slurm it must exist on the
+    # nodes (shared file system) or inside container_image. None: the Python running
+    # `avr pipeline` (outside a container), `avr` inside container_image.
+    python: Optional[str] = None
+    # Container image of this role on Slurm (pyxis/enroot: a .sqsh file or a registry image,
+    # built from containers/<role>.Dockerfile); None: no container. Local executors ignore it.
+    container_image: Optional[str] = None
+
+
+@dataclass
+class PipelineEnvsConfig:
+    """One environment per role: synthesis (vLLM) and training (Megatron-Core + TE) cannot
+    share one; `avr pipeline` itself runs in the launch environment (NeMo-Run)."""
+
+    # Synthesis, pair building and evaluation stages: requirements/synth.txt,
+    # containers/synth.Dockerfile.
+    synth: RoleEnvConfig = field(default_factory=RoleEnvConfig)
+    # Training and reference log-prob stages: requirements/train.txt,
+    # containers/train.Dockerfile.
+    train: RoleEnvConfig = field(default_factory=RoleEnvConfig)
+
+
+@dataclass
 class PipelineConfig:
     """`avr pipeline`: every AvR stage in order, in <run.dir>/stages/<stage>/ with a manifest."""
 
@@ -572,6 +640,8 @@ class PipelineConfig:
     # Keys are stage names (`avr pipeline --list` shows them); every stage's config is built
     # and validated before the first stage starts.
     stages: Dict[str, Any] = field(default_factory=dict)
+    # The environment (Python, container image) each role's stages run in.
+    envs: PipelineEnvsConfig = field(default_factory=PipelineEnvsConfig)
 
 
 @dataclass
@@ -600,10 +670,8 @@ class SlurmConfig:
     account: Optional[str] = None
     # Default partition of every task (each profile may set its own).
     partition: Optional[str] = None
-    # Container image and mounts (pyxis/enroot `--container-image`, `--container-mounts`);
-    # None: run in the submitting environment.
-    container_image: Optional[str] = None
-    # Mounts as host:container paths (pyxis --container-mounts).
+    # Mounts of the containers (pipeline.envs.<role>.container_image) as host:container paths
+    # (pyxis --container-mounts): run.dir, models and data must be visible inside.
     container_mounts: List[str] = field(default_factory=list)
     # Extra environment variables of every task.
     env: Dict[str, str] = field(default_factory=dict)
@@ -618,9 +686,6 @@ class SlurmConfig:
     # Job files (sbatch scripts, logs) of NeMo-Run; None: <run.dir>/slurm. With tunnel=ssh,
     # a directory on the cluster.
     job_dir: Optional[str] = None
-    # The command that starts `avr` on the nodes; None: "avr" in a container, else this
-    # Python (`<python> -m avr_megatron.cli.main`, for a shared file system).
-    avr_command: Optional[str] = None
     # Send SIGUSR1 this many seconds before the time limit (training checkpoints and exits
     # with code 75); 0 disables it.
     signal_seconds: int = 300
@@ -649,6 +714,7 @@ class AvrConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -110,6 +110,20 @@ def _parallel_layout(cfg: AvrConfig) -> list[str]:
                     f"parallel.virtual_pipeline_model_parallel_size={vpp or 1})")
     if p.sequence_parallel and tp == 1:
         errs.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+    t = cfg.train
+    tokens = t.seq_length * t.micro_batch_size  # a microbatch's tokens (one THD row under TE)
+    if p.sequence_parallel and tp > 1 and tokens % tp:
+        errs.append(f"parallel.sequence_parallel=true splits each microbatch's tokens over the "
+                    f"TP ranks: train.seq_length x train.micro_batch_size = {tokens} is not "
+                    f"divisible by {tpk}")
+    if vpp is not None and pp > 1 and t.micro_batch_size >= 1 and \
+            t.global_batch_size % t.micro_batch_size == 0 and \
+            (t.global_batch_size // t.micro_batch_size) % pp:
+        errs.append(f"interleaved pipelining (parallel.virtual_pipeline_model_parallel_size="
+                    f"{vpp}) runs a multiple of parallel.pipeline_model_parallel_size={pp} "
+                    f"microbatches per step and data-parallel rank: train.global_batch_size / "
+                    f"train.micro_batch_size = {t.global_batch_size // t.micro_batch_size} is "
+                    f"not a multiple of {pp}")
     return errs
 
 
@@ -140,6 +154,9 @@ def _training(cfg: AvrConfig) -> list[str]:
         errs.append(f"optimizer.lr={o.lr} must be > 0")
     if not 0 <= o.min_lr <= o.lr:
         errs.append(f"optimizer.min_lr={o.min_lr} must be in [0, optimizer.lr={o.lr}]")
+    if cfg.ddp.overlap_param_gather and not o.use_distributed_optimizer:
+        errs.append("ddp.overlap_param_gather=true needs optimizer.use_distributed_optimizer=true "
+                    "(parameters are all-gathered from the optimizer's shards)")
     if o.clip_grad < 0:
         errs.append(f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
     for key in ("train_iters", "micro_batch_size", "global_batch_size", "seq_length",
@@ -174,6 +191,15 @@ def _data(cfg: AvrConfig) -> list[str]:
     errs += _choice(d.sft_loss_on, "data.sft_loss_on", ("all", "last"))
     if d.num_epochs is not None and d.num_epochs < 1:
         errs.append(f"data.num_epochs={d.num_epochs} must be >= 1 (or null)")
+    errs += _choice(d.prepared, "data.prepared", ("auto", "required", "in_memory"))
+    if d.prepare_workers is not None and d.prepare_workers < 1:
+        errs.append(f"data.prepare_workers={d.prepare_workers} must be >= 1 (or null: every "
+                    "core)")
+    t = cfg.train
+    if t.eval_interval is not None and t.eval_interval < 0:
+        errs.append(f"train.eval_interval={t.eval_interval} must be >= 0 (or null)")
+    if t.eval_iters is not None and t.eval_iters < 1:
+        errs.append(f"train.eval_iters={t.eval_iters} must be >= 1 (or null: all of data.valid)")
     if cfg.train.max_consecutive_nonfinite < 1:
         errs.append(f"train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite} "
                     "must be >= 1")
@@ -348,6 +374,11 @@ def _pipeline(cfg: AvrConfig) -> list[str]:
         if not isinstance(override, dict):
             errs.append(f"pipeline.stages.{name} must be a mapping of overrides in the recipe's "
                         f"layout (e.g. {{train: {{train_iters: 100}}}}), got {override!r}")
+    for role in ("synth", "train"):
+        env = getattr(p.envs, role)
+        for key in ("python", "container_image"):
+            if getattr(env, key) is not None and not str(getattr(env, key)).strip():
+                errs.append(f"pipeline.envs.{role}.{key} is empty: set it or use null")
     return errs
 
 
@@ -396,8 +427,18 @@ def _launch_slurm(cfg: AvrConfig) -> list[str]:
     for i, mount in enumerate(s.container_mounts):
         if ":" not in mount:
             errs.append(f"launch.slurm.container_mounts[{i}]={mount!r} must be SRC:DST[:FLAGS]")
-    if s.container_mounts and not s.container_image:
-        errs.append("launch.slurm.container_mounts need launch.slurm.container_image")
+    envs = cfg.pipeline.envs
+    if s.container_mounts and not (envs.synth.container_image or envs.train.container_image):
+        errs.append("launch.slurm.container_mounts need a container image "
+                    "(pipeline.envs.synth/train.container_image)")
+    if s.tunnel == "ssh":
+        for role in ("synth", "train"):
+            env = getattr(envs, role)
+            if not (env.container_image or env.python):
+                # The default, this machine's interpreter path, means nothing on the cluster.
+                errs.append(f"launch.slurm.tunnel=ssh needs pipeline.envs.{role}.container_image "
+                            f"or pipeline.envs.{role}.python (the {role} environment's Python on "
+                            "the cluster)")
     if errs or cfg.pipeline.executor != "slurm":
         return errs
     # Layout checks that need the world size, which launch.slurm.train fixes on Slurm.
@@ -414,6 +455,8 @@ def _launch_slurm(cfg: AvrConfig) -> list[str]:
             errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                         f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
                         f"(launch.slurm.train: {world} processes / TP x PP x CP = {model})")
+        else:
+            errs += interleaving_microbatches(cfg, dp)
     for role in ("policy", "reward"):
         e = getattr(cfg.synth, role)
         if e.backend == "vllm" and s.synth.gpus_per_node and \
@@ -443,6 +486,20 @@ def _non_finite_floats(node: Any, prefix: str = "") -> list[str]:
         key = f"{prefix}{name}" if name.startswith("[") or not prefix else f"{prefix}.{name}"
         errs += _non_finite_floats(value, key)
     return errs
+
+
+def interleaving_microbatches(cfg: AvrConfig, dp: int) -> list[str]:
+    """Megatron's interleaved schedule needs the microbatches of a step (per data-parallel
+    rank) to be a multiple of the pipeline size (and so at least it)."""
+    p, t = cfg.parallel, cfg.train
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    n = t.global_batch_size // (t.micro_batch_size * dp)
+    if vpp is None or pp < 2 or n % pp == 0:
+        return []
+    return [f"interleaved pipelining (parallel.virtual_pipeline_model_parallel_size={vpp}) "
+            f"needs the microbatches per step, train.global_batch_size / (train.micro_batch_size "
+            f"x data-parallel size {dp}) = {n}, to be a multiple of "
+            f"parallel.pipeline_model_parallel_size={pp}"]
 
 
 def validate_config(cfg: AvrConfig) -> AvrConfig:

@@ -44,8 +44,15 @@ def atomic_output(out: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         check_target(out)
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
+        # Disk full / read-only: diagnosed before the partial output is removed (freeing space).
+        error = files.storage_error(
+            tmp, e, kept=f"nothing at {out} (a conversion writes all or nothing; the partial "
+                         "output was removed) and the input is untouched"
+        ) if isinstance(e, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error from e
         raise
     fd = os.open(out.parent, os.O_RDONLY)
     try:

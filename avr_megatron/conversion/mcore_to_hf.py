@@ -30,6 +30,7 @@ from avr_megatron.conversion.hf_config import (
     hf_config_from_model,
 )
 from avr_megatron.conversion.mapping import ModelTensor, model_tensors
+from avr_megatron.conversion.model_card import write_model_card
 from avr_megatron.conversion.safetensors_io import SafetensorsWriter
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ def convert_mcore_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None 
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": writer.weight_map()}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2))
-        copy_assets(assets, tmp, exclude=("config.json",))
+        copy_assets(assets, tmp, exclude=("config.json", "README.md"))
+        write_model_card(tmp, ckpt_dir, assets)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if not (tmp / "generation_config.json").is_file():
             (tmp / "generation_config.json").write_text(

@@ -65,9 +65,24 @@ class PackedBatch:
         return int((self.segment >= 0).sum())
 
 
+def trims_padding(use_te: bool, pipeline_parallel_size: int) -> bool:
+    """Whether micro-batches drop their all-padding tail columns (`collate(..., trim=True)`):
+    on the local spec every sequence attends only to itself, so a shorter row changes nothing
+    but the work, and without pipeline parallelism no stage expects a fixed activation shape.
+    The Transformer Engine (THD) path keeps whole bins."""
+    return not use_te and pipeline_parallel_size == 1
+
+
 def collate(data: TokenizedDataset, plan: PackingPlan, bins: Sequence[int],
-            pad_id: int) -> PackedBatch:
+            pad_id: int, *, trim: bool = False) -> PackedBatch:
+    """The bins as one micro-batch of [len(bins), L] rows: L = the bin capacity, or with `trim`
+    the fullest bin's fill (padding that only fills bins up to capacity is never computed). A
+    negative bin index is an all-padding row holding no sequence."""
     L = plan.capacity
+    real = np.asarray(bins, dtype=np.int64)
+    real = real[real >= 0]
+    if trim and len(real):
+        L = max(1, int(np.max(plan.fill[real])))
     n = len(bins)
     tokens = np.full((n, L), pad_id, dtype=np.int64)
     labels = np.zeros((n, L), dtype=np.int64)
@@ -78,6 +93,8 @@ def collate(data: TokenizedDataset, plan: PackingPlan, bins: Sequence[int],
     pair_c, pair_r = [], []
     for row, b in enumerate(bins):
         offset = 0
+        if b < 0:
+            continue  # an empty row (evaluation fills its last microbatch with them)
         for u in plan.bin(int(b)):
             for role, s in enumerate(data.unit_sequences(int(u))):
                 ids, mask = data.sequence(s)

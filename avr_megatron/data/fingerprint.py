@@ -3,7 +3,8 @@ results (reference log-probs) still belong to the inputs they were computed from
 
 Data files are hashed in full. Checkpoint directories can hold hundreds of GB, so large files
 (> 4 MiB) contribute their name, size and the first and last MiB; small files (configs, indexes,
-dist-checkpoint metadata) are hashed in full. Any re-save or edit changes the fingerprint.
+dist-checkpoint metadata) are hashed in full. Any re-save or edit changes the fingerprint;
+Markdown files (model and dataset cards, which name paths and dates) do not count.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def fingerprint_dir(path: str | os.PathLike) -> str:
         rel = f.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
             continue  # temporary/hidden files of writers
+        if f.suffix == ".md":
+            continue  # model and dataset cards describe the content (with paths), are not it
         h.update(str(rel).encode() + b"\0")
         _update_file(h, f, full=False)
     return h.hexdigest()[:16]

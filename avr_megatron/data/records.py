@@ -71,16 +71,32 @@ def resolve_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(row number from 1, raw record) for every record of one file."""
+@dataclass(frozen=True)
+class Span:
+    """Part of one data file, for reading a large dataset in blocks: JSONL bytes
+    [start, stop) (starting at a line start, first_row = its line number), or Parquet rows
+    [start, stop) of row group `row_group` (first_row = the first one's number in the file)."""
+
+    start: int
+    stop: int
+    first_row: int
+    row_group: int | None = None
+
+
+def _rows(path: Path, span: Span | None = None) -> Iterator[tuple[int, Any]]:
+    """(row number from 1, raw record) for every record of one file, or of a span of it."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            if span is None:
+                table = pq.read_table(path)
+            else:
+                table = pq.ParquetFile(path).read_row_group(span.row_group).slice(
+                    span.start, span.stop - span.start)
         except Exception as e:
             raise DataError(f"{path}: cannot read Parquet: {e}") from e
-        start = 0
+        start = (1 if span is None else span.first_row) - 1
         for batch in table.to_batches(max_chunksize=1024):
             try:
                 rows = batch.to_pylist()
@@ -97,17 +113,20 @@ def _rows(path: Path) -> Iterator[tuple[int, Any]]:
             start += batch.num_rows
         return
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()[:1]
-        f.seek(0)
-        if head == b"[":  # a .json file holding one array of records
+        if span is None and _is_json_array(f):
             try:
                 rows = json.loads(_decode(f.read(), path))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: invalid JSON: {e}") from e
             yield from enumerate(rows, 1)
             return
-        offset = 0
-        for i, raw in enumerate(f, 1):
+        start, stop, i = (0, None, 1) if span is None else (span.start, span.stop,
+                                                            span.first_row)
+        f.seek(start)
+        offset = start
+        for i, raw in enumerate(f, i):
+            if stop is not None and offset >= stop:
+                return
             line = _decode(raw, path, line=i, offset=offset)
             offset += len(raw)
             if not line.strip():
@@ -116,6 +135,23 @@ def _rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {i}: invalid JSON: {e}") from e
+
+
+iter_rows = _rows
+
+
+def _is_json_array(f) -> bool:
+    """A .json file holding one array of records (first non-space byte `[`); rewinds f."""
+    head = f.read(4096).lstrip()[:1]
+    f.seek(0)
+    return head == b"["
+
+
+def is_json_array_file(path: Path) -> bool:
+    if path.suffix == ".parquet":
+        return False
+    with open(path, "rb") as f:
+        return _is_json_array(f)
 
 
 def _decode(data: bytes, path: Path, *, line: int | None = None, offset: int = 0) -> str:
@@ -131,9 +167,14 @@ def _decode(data: bytes, path: Path, *, line: int | None = None, offset: int = 0
 
 
 def _where(path: Path, row: int, record: Any) -> str:
-    unit = "record" if path.suffix == ".parquet" else "line"
     rid = record.get("id") if isinstance(record, dict) else None
-    return f"{path}: {unit} {row}" + (f" (id {rid!r})" if isinstance(rid, str) else "")
+    return location(path, row, rid if isinstance(rid, str) else None)
+
+
+def location(path: Path, row: int, rid: str | None = None) -> str:
+    """How messages name a record: "file: line N (id 'x')" ("record N" in Parquet)."""
+    unit = "record" if path.suffix == ".parquet" else "line"
+    return f"{path}: {unit} {row}" + (f" (id {rid!r})" if rid is not None else "")
 
 
 def _field(record: dict, name: str, where: str) -> Any:
@@ -206,36 +247,58 @@ def _check_unique(seen: dict[str, str], rid: str, where: str) -> None:
     seen[rid] = where
 
 
-def read_sft(path: str | os.PathLike) -> list[SFTRecord]:
-    out, seen = [], {}
+def sft_record(path: Path, row: int, record: Any, seen: dict[str, str]) -> SFTRecord:
+    """One checked SFT row (its id must not be in `seen`, which it is added to)."""
+    where = _where(path, row, record)
+    rid = _id(record, where)
+    _check_unique(seen, rid, where)
+    messages = _messages(_field(record, "messages", where), "messages", where,
+                         need_assistant=True)
+    return SFTRecord(rid, messages, where)
+
+
+def preference_record(path: Path, row: int, record: Any,
+                      seen: dict[str, str]) -> PreferenceRecord:
+    """One checked preference row (its id must not be in `seen`, which it is added to)."""
+    where = _where(path, row, record)
+    rid = _id(record, where)
+    _check_unique(seen, rid, where)
+    prompt = _messages(_field(record, "prompt", where), "prompt", where)
+    if prompt[-1]["role"] == "assistant":
+        raise DataError(f"{where}: field 'prompt': the prompt must end with a user (or "
+                        "system) message, not an assistant one")
+    chosen = _completion(_field(record, "chosen", where), "chosen", where)
+    rejected = _completion(_field(record, "rejected", where), "rejected", where)
+    gap = _number(record, "reward_gap", where)
+    rc, rr = _number(record, "reward_chosen", where), _number(record, "reward_rejected", where)
+    if gap is None and rc is not None and rr is not None:
+        gap = rc - rr
+    return PreferenceRecord(rid, prompt, chosen, rejected, gap, where)
+
+
+RECORD_READERS = {"sft": sft_record, "preference": preference_record}
+
+
+def read_records(kind: str, path: str | os.PathLike) -> list:
+    """Every record of the files at `path` (kind: sft | preference), checked, in order."""
+    parse, out, seen = RECORD_READERS[kind], [], {}
     for f in resolve_files(path):
         for row, record in _rows(f):
-            where = _where(f, row, record)
-            rid = _id(record, where)
-            _check_unique(seen, rid, where)
-            messages = _messages(_field(record, "messages", where), "messages", where,
-                                 need_assistant=True)
-            out.append(SFTRecord(rid, messages, where))
+            out.append(parse(f, row, record, seen))
     return out
+
+
+def read_span(kind: str, path: Path, span: Span | None, seen: dict[str, str]) -> Iterator:
+    """(row number, checked record) for one span of one file, in order (ids unique within
+    `seen`)."""
+    parse = RECORD_READERS[kind]
+    for row, record in _rows(path, span):
+        yield row, parse(path, row, record, seen)
+
+
+def read_sft(path: str | os.PathLike) -> list[SFTRecord]:
+    return read_records("sft", path)
 
 
 def read_preferences(path: str | os.PathLike) -> list[PreferenceRecord]:
-    out, seen = [], {}
-    for f in resolve_files(path):
-        for row, record in _rows(f):
-            where = _where(f, row, record)
-            rid = _id(record, where)
-            _check_unique(seen, rid, where)
-            prompt = _messages(_field(record, "prompt", where), "prompt", where)
-            if prompt[-1]["role"] == "assistant":
-                raise DataError(f"{where}: field 'prompt': the prompt must end with a user (or "
-                                "system) message, not an assistant one")
-            chosen = _completion(_field(record, "chosen", where), "chosen", where)
-            rejected = _completion(_field(record, "rejected", where), "rejected", where)
-            gap = _number(record, "reward_gap", where)
-            rc, rr = _number(record, "reward_chosen", where), _number(record, "reward_rejected",
-                                                                      where)
-            if gap is None and rc is not None and rr is not None:
-                gap = rc - rr
-            out.append(PreferenceRecord(rid, prompt, chosen, rejected, gap, where))
-    return out
+    return read_records("preference", path)

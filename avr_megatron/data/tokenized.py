@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,6 +32,8 @@ class DataSummary:
     # reason -> count: too_long (overlong=drop), prompt_too_long (no room left for completions
     # after truncation), no_target_after_truncation (SFT: the kept part has no assistant token).
     dropped: dict[str, int] = field(default_factory=dict)
+    # name -> count of records read in a way worth saying (see tokenize_preferences' _NOTES).
+    notes: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     sequences: int = 0
     tokens: int = 0
@@ -40,6 +42,9 @@ class DataSummary:
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def note(self, name: str) -> None:
+        self.notes[name] = self.notes.get(name, 0) + 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,28 +67,51 @@ def _cap_pair(chosen: Encoded, rejected: Encoded, capacity: int) -> tuple[int, i
 
 
 class TokenizedDataset:
-    """Units of 1 (SFT) or 2 (chosen, rejected) sequences, in record order."""
+    """Units of 1 (SFT) or 2 (chosen, rejected) sequences, in record order.
 
-    def __init__(self, kind: str, ids: list[str], seqs: list[Encoded],
-                 reward_gap: Sequence[float | None] | None, summary: DataSummary):
+    The arrays may be in memory (tokenised in this process) or memory-mapped from prepared
+    files (`avr_megatron.data.prepared`): nothing here reads more of them than a caller asks
+    for. Prepared data also brings what it computed once (per-unit example hashes, the data
+    fingerprint, the largest token id), so those are not recomputed from every token."""
+
+    def __init__(self, kind: str, ids: Sequence[str], seq_offsets: np.ndarray,
+                 tokens: np.ndarray, mask: np.ndarray, reward_gap: np.ndarray | None,
+                 summary: DataSummary, *, wheres: Callable[[int], str] | Sequence[str],
+                 example_hashes: Sequence[str] | None = None, fingerprint: str | None = None,
+                 max_token: int | None = None):
         self.kind = kind
         self.seqs_per_unit = 1 if kind == "sft" else 2
-        assert len(seqs) == len(ids) * self.seqs_per_unit
+        assert len(seq_offsets) == len(ids) * self.seqs_per_unit + 1
         self.ids = ids
-        self.index = {rid: i for i, rid in enumerate(ids)}
-        lengths = np.asarray([len(s.ids) for s in seqs], dtype=np.int64)
-        self.seq_offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=self.seq_offsets[1:])
-        self.tokens = (np.concatenate([s.ids for s in seqs]) if seqs
-                       else np.zeros(0, np.int32)).astype(np.int32)
-        self.mask = np.concatenate([s.mask for s in seqs]) if seqs else np.zeros(0, bool)
-        self.reward_gap = np.asarray([math.nan if g is None else g for g in reward_gap],
-                                     dtype=np.float64) if reward_gap is not None else None
+        self.seq_offsets, self.tokens, self.mask = seq_offsets, tokens, mask
+        self.reward_gap = reward_gap
         self.summary = summary
-        self._fingerprint: str | None = None
+        self._wheres = wheres
+        self._example_hashes = example_hashes
+        self._fingerprint = fingerprint
+        self._max_token = max_token
+
+    @classmethod
+    def from_encoded(cls, kind: str, ids: list[str], seqs: list[Encoded],
+                     reward_gap: Sequence[float | None] | None, summary: DataSummary,
+                     wheres: list[str]) -> "TokenizedDataset":
+        lengths = np.asarray([len(s.ids) for s in seqs], dtype=np.int64)
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = (np.concatenate([s.ids for s in seqs]) if seqs
+                  else np.zeros(0, np.int32)).astype(np.int32)
+        mask = np.concatenate([s.mask for s in seqs]) if seqs else np.zeros(0, bool)
+        gaps = np.asarray([math.nan if g is None else g for g in reward_gap],
+                          dtype=np.float64) if reward_gap is not None else None
+        return cls(kind, ids, offsets, tokens, mask, gaps, summary, wheres=wheres)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def where(self, u: int) -> str:
+        """The record unit u came from ("file: line N (id ...)"), for error messages."""
+        w = self._wheres
+        return w(u) if callable(w) else w[u]
 
     def sequence(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.seq_offsets[s], self.seq_offsets[s + 1]
@@ -106,13 +134,9 @@ class TokenizedDataset:
 
     def example_hash(self, u: int) -> str:
         """Identifies exactly what a unit's log-probs are computed over: token ids and masks."""
-        h = hashlib.sha256()
-        for s in self.unit_sequences(u):
-            ids, mask = self.sequence(s)
-            h.update(np.int64(len(ids)).tobytes())
-            h.update(ids.astype(np.int32).tobytes())
-            h.update(np.packbits(mask).tobytes())
-        return h.hexdigest()[:16]
+        if self._example_hashes is not None:
+            return self._example_hashes[u]
+        return compute_example_hash(self, u)
 
     def fingerprint(self) -> str:
         """Hash of every unit's id and content, in order: the exact training data."""
@@ -125,7 +149,10 @@ class TokenizedDataset:
         return self._fingerprint
 
     def check_vocab(self, vocab_size: int, source: str) -> None:
-        if len(self.tokens) and int(self.tokens.max()) >= vocab_size:
+        if not len(self.tokens):
+            return
+        largest = self._max_token if self._max_token is not None else int(self.tokens.max())
+        if largest >= vocab_size:
             bad = int(np.argmax(self.tokens >= vocab_size))
             seq = int(np.searchsorted(self.seq_offsets, bad, side="right") - 1)
             raise DataError(
@@ -134,10 +161,20 @@ class TokenizedDataset:
                 "the model")
 
 
+def compute_example_hash(data: TokenizedDataset, u: int) -> str:
+    h = hashlib.sha256()
+    for s in data.unit_sequences(u):
+        ids, mask = data.sequence(s)
+        h.update(np.int64(len(ids)).tobytes())
+        h.update(ids.astype(np.int32).tobytes())
+        h.update(np.packbits(mask).tobytes())
+    return h.hexdigest()[:16]
+
+
 def tokenize_sft(records: Sequence[SFTRecord], chat: ChatTokenizer, seq_length: int,
                  overlong: str, loss_on: str) -> TokenizedDataset:
     summary = DataSummary("sft", records=len(records))
-    ids, seqs = [], []
+    ids, seqs, wheres = [], [], []
     for start in range(0, len(records), _BATCH):
         batch = records[start:start + _BATCH]
         encoded = chat.tokenize([chat.render(r.messages, loss_on, r.where) for r in batch],
@@ -156,25 +193,30 @@ def tokenize_sft(records: Sequence[SFTRecord], chat: ChatTokenizer, seq_length: 
                 summary.drop("no_target_after_truncation")
                 continue
             ids.append(rec.id)
+            wheres.append(rec.where)
             seqs.append(enc)
             summary.tokens += len(enc.ids)
             summary.target_tokens += int(enc.mask[1:].sum())
     summary.used, summary.sequences = len(ids), len(seqs)
-    return TokenizedDataset("sft", ids, seqs, None, summary)
+    return TokenizedDataset.from_encoded("sft", ids, seqs, None, summary, wheres)
 
 
 def tokenize_preferences(records: Sequence[PreferenceRecord], chat: ChatTokenizer,
                          seq_length: int, overlong: str) -> TokenizedDataset:
     summary = DataSummary("preference", records=len(records))
-    ids, seqs, gaps = [], [], []
+    ids, seqs, gaps, wheres = [], [], [], []
     for start in range(0, len(records), _BATCH):
         batch = records[start:start + _BATCH]
-        rendered, wheres = [], []
+        rendered, batch_wheres = [], []
         for r in batch:
-            for completion in (r.chosen, r.rejected):
-                rendered.append(chat.render([*r.prompt, *completion], "last", r.where))
-                wheres.append(r.where)
-        encoded = chat.tokenize(rendered, wheres)
+            info: dict = {}
+            rendered += chat.render_pair(r.prompt, r.chosen, r.rejected, r.where, info)
+            batch_wheres += [r.where, r.where]
+            if len(r.chosen) > 1 or len(r.rejected) > 1:
+                summary.note("multi_message_completions")
+            if not info["generation_prompt_fits"]:
+                summary.note("generation_prompt_not_in_conversation")
+        encoded = chat.tokenize(rendered, batch_wheres)
         for k, rec in enumerate(batch):
             chosen, rejected = encoded[2 * k], encoded[2 * k + 1]
             if len(chosen.ids) + len(rejected.ids) > seq_length:
@@ -189,24 +231,47 @@ def tokenize_preferences(records: Sequence[PreferenceRecord], chat: ChatTokenize
                 rejected = Encoded(rejected.ids[:keep[1]], rejected.mask[:keep[1]])
                 summary.truncated += 1
             ids.append(rec.id)
+            wheres.append(rec.where)
             seqs += [chosen, rejected]
             gaps.append(rec.reward_gap)
             for s in (chosen, rejected):
                 summary.tokens += len(s.ids)
                 summary.target_tokens += int(s.mask[1:].sum())
     summary.used, summary.sequences = len(ids), len(seqs)
-    return TokenizedDataset("preference", ids, seqs, gaps, summary)
+    _warn_about_notes(summary)
+    return TokenizedDataset.from_encoded("preference", ids, seqs, gaps, summary, wheres)
 
 
-def require_reward_gaps(data: TokenizedDataset, mode: str,
-                        records: Sequence[PreferenceRecord]) -> None:
+_NOTES = {
+    "multi_message_completions": "have a chosen or rejected of several messages: as in TRL's "
+    "DPOTrainer, every token after the prompt is trained and scored, the turns in between "
+    "included",
+    "generation_prompt_not_in_conversation": "are rendered by a chat template whose generation "
+    "prompt adds text the conversation does not contain: as in TRL's DPOTrainer, the completion "
+    "starts where the two renderings part (after the assistant header), so that text is in "
+    "neither",
+}
+
+
+def _warn_about_notes(summary: DataSummary) -> None:
+    import logging
+
+    for name, count in summary.notes.items():
+        logging.getLogger(__name__).warning("%d of %d preference records %s", count,
+                                            summary.records, _NOTES[name])
+
+
+def require_reward_gaps(data: TokenizedDataset, mode: str) -> None:
     """loss.reward_gap needs a positive gap on every pair used; name the first offender."""
-    where = {r.id: r.where for r in records}
-    for u, gap in enumerate(data.reward_gap):
-        if math.isnan(gap):
-            raise DataError(f"{where[data.ids[u]]}: loss.reward_gap={mode} needs a reward gap, "
-                            "but the record has neither reward_gap nor reward_chosen + "
-                            "reward_rejected")
-        if mode in ("margin", "weight") and gap <= 0:
-            raise DataError(f"{where[data.ids[u]]}: field 'reward_gap': loss.reward_gap={mode} "
-                            f"needs chosen to outscore rejected (gap > 0), got {gap}")
+    gaps = np.asarray(data.reward_gap)
+    bad = np.isnan(gaps)
+    if mode in ("margin", "weight"):
+        bad |= gaps <= 0
+    if not bad.any():
+        return
+    u = int(np.argmax(bad))
+    if math.isnan(gaps[u]):
+        raise DataError(f"{data.where(u)}: loss.reward_gap={mode} needs a reward gap, but the "
+                        "record has neither reward_gap nor reward_chosen + reward_rejected")
+    raise DataError(f"{data.where(u)}: field 'reward_gap': loss.reward_gap={mode} needs chosen "
+                    f"to outscore rejected (gap > 0), got {gaps[u]}")

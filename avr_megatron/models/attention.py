@@ -39,10 +39,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from torch.nn.attention.varlen import varlen_attn as _varlen_attn  # CUDA only (torch >= 2.10)
 
 from avr_megatron.models.packed import cu_seqlens
-
-from torch.nn.attention.varlen import varlen_attn as _varlen_attn  # CUDA only (torch >= 2.10)
 
 
 class _Spans:
@@ -148,7 +147,8 @@ class PackedSDPAttention(DotProductAttention):
         s, b, heads, dim = query.shape
         cu, _, longest = _spans.get(segment)
         cu = cu.to(query.device)
-        flat = [t.transpose(0, 1).reshape(b * s, t.shape[2], dim) for t in (query, key, value)]
+        flat = [t.transpose(0, 1).reshape(b * s, t.shape[2], dim).contiguous()
+                for t in (query, key, value)]
         out = _varlen_attn(*flat, cu, cu, longest, longest, scale=self.softmax_scale,
                            window_size=(-1, 0), enable_gqa=self.gqa)
         return out.reshape(b, s, heads * dim).transpose(0, 1).contiguous()

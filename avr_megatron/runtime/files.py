@@ -13,6 +13,7 @@ usual umask 022), so teammates can read configs and checkpoints; `tempfile.mkste
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -139,8 +140,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = Tru
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.filename == str(tmp):  # name the file, not our temp
+            raise type(e)(e.errno, e.strerror, str(path)) from None
         raise
     if sync:
         fsync_dir(path.parent)
@@ -150,3 +156,93 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = Tru
 def atomic_write_text(path: str | os.PathLike, text: str, *, sync: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), sync=sync)
 
+
+
+# ---------------------------------------------------------------- storage faults
+
+class StorageError(RuntimeError):
+    """A write failed because of the storage (full, read-only, ...): the message names the path,
+    the problem, what was kept and how to resume. Commands exit with EXIT_STORAGE."""
+
+
+EXIT_STORAGE = 74  # EX_IOERR
+
+_ERRNO_PROBLEMS = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EFBIG: "the file size limit is reached (ulimit -f)",
+}
+# What a probe write can also tell (an errno that, on its own, may come from a read).
+_PROBE_PROBLEMS = {**_ERRNO_PROBLEMS, errno.EACCES: "the directory is not writable (permission denied)",
+                   errno.EPERM: "the directory is not writable (operation not permitted)"}
+
+
+def _errno_problem(error: BaseException | None) -> str | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _ERRNO_PROBLEMS:
+            return _ERRNO_PROBLEMS[error.errno]
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def storage_problem(path: str | os.PathLike, error: BaseException | None = None, *,
+                    probe: bool = True) -> str | None:
+    """What is wrong with the storage under `path`, or None. The error's errno decides when it
+    has one; otherwise, with `probe` (for failures of our own writes into `path`: C++ writers
+    such as torch.save report a short write as "unexpected pos"), the file system is probed:
+    read-only flag, then a 1 MiB write next to `path`. Call it before removing partial output
+    (which frees space)."""
+    problem = _errno_problem(error)
+    if problem is not None or not probe:
+        return problem
+    directory = Path(path)
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return _ERRNO_PROBLEMS[errno.EROFS]
+    except OSError:
+        return None
+    probe_file = directory / f".avr-space-probe.{owner_tag()}.tmp"
+    try:
+        fd = os.open(probe_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * (1 << 20))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return _PROBE_PROBLEMS.get(e.errno)
+    finally:
+        try:
+            probe_file.unlink()
+        except OSError:
+            pass
+    return None
+
+
+def describe_error(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line; DCP's per-rank wrapper (CheckpointException) is unwrapped to
+    the first failing rank's own error."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        error = first[0] if isinstance(first, tuple) else first
+    text = " ".join(str(error).split()) or ("a file ends early (truncated)"
+                                            if isinstance(error, EOFError) else "no message")
+    return f"{type(error).__name__}: {text[:limit]}"
+
+
+def storage_error(path: str | os.PathLike, error: BaseException | None, *, kept: str,
+                  resume: str = "free space (or make it writable) and rerun the same command",
+                  probe: bool = True) -> StorageError | None:
+    """A StorageError for a failed write of `path`, or None when the storage is fine (then the
+    original error stands). `probe`: see storage_problem."""
+    problem = storage_problem(path, error, probe=probe)
+    if problem is None:
+        return None
+    cause = "" if error is None else f" [{describe_error(error)}]"
+    return StorageError(f"cannot write {path}: {problem}{cause}. Kept: {kept}. To resume: {resume}.")

@@ -36,11 +36,38 @@ def record_schema(columns):
     return pa.schema([(c, types[COLUMN_TYPES[c]]) for c in columns])
 
 
-def _write(directory: Path, records: list[dict[str, Any]], columns, fmt: str) -> Path:
+def _write(directory: Path, records: list[dict[str, Any]], columns, fmt: str,
+           card: tuple[str, str, AvrConfig] | None = None) -> Path:
+    """Write the dataset file, and its dataset card (title, description, cfg) beside it."""
     ext = "parquet" if fmt == "parquet" else "jsonl"
     path = directory / f"train.{ext}"
     write_rows(path, records, record_schema(columns), fmt)
+    if card is not None:
+        _card(directory, path, records, columns, *card)
     return path
+
+
+def _card(directory: Path, path: Path, records: list[dict[str, Any]], columns, title: str,
+          description: str, cfg: AvrConfig) -> None:
+    from collections import Counter
+
+    from avr_megatron.data.dataset_card import write_dataset_card
+
+    def name(engine) -> str | None:  # no absolute paths: the same data makes the same card
+        return engine.name or (Path(engine.model).name if engine.model else None)
+
+    kinds = Counter(r.get("pair_type") or r.get("kind") for r in records)
+    s = cfg.synth
+    write_dataset_card(
+        directory, [path], title=title, description=description, rows=len(records),
+        columns=columns, tags=["preference" if "chosen" in columns else "sft"],
+        provenance={"written by": "avr-megatron `avr pairs`",
+                    "records by type": dict(sorted(kinds.items(), key=str)),
+                    "policy model": name(s.policy), "reward model": name(s.reward),
+                    "prompts": Path(s.input.path).name if s.input.path else None,
+                    "run.seed": cfg.run.seed,
+                    "synth.pairs.gating": s.pairs.gating,
+                    "synth.pairs.mix_source_chosen": s.pairs.mix_source_chosen})
 
 
 def _finish(kind: str, directory: Path, summary, written: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -63,8 +90,15 @@ def pairs_stage1(cfg: AvrConfig) -> dict[str, Any]:
     out = data_root(cfg) / "stage1"
     fmt = cfg.synth.output_format
     written = {
-        "sft": {"rows": len(sft), "path": str(_write(out / "sft", sft, SFT_COLUMNS, fmt))},
-        "preference": {"rows": len(pairs), "path": str(_write(out / "preference", pairs, PREFERENCE_COLUMNS, fmt))},
+        "sft": {"rows": len(sft), "path": str(_write(out / "sft", sft, SFT_COLUMNS, fmt, (
+            "AvR stage-1 RSFT conversations",
+            "Supervised fine-tuning (RSFT) conversations built from AvR stage-1 refinement "
+            "trees; `messages` ends with the assistant turn to learn.", cfg)))},
+        "preference": {"rows": len(pairs), "path": str(_write(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
+            "AvR stage-1 preference pairs",
+            "Response, criticism and improvement preference pairs from AvR stage-1 refinement "
+            "trees, in TRL's conversational format, with refinement-aware rewards "
+            "(`reward_gap` = reward_chosen - reward_rejected).", cfg)))},
     }
     return _finish("stage1", out, summary, written, pair_rules=cfg.synth.pairs.gating)
 
@@ -77,10 +111,17 @@ def pairs_stage2(cfg: AvrConfig) -> dict[str, Any]:
     summary, sft, pairs = build_stage2(search_rows, thought_rows, cfg)
     out = data_root(cfg) / "stage2"
     fmt = cfg.synth.output_format
-    written = {"sft": {"rows": len(sft), "path": str(_write(out / "sft", sft, SFT_COLUMNS, fmt))}}
+    written = {"sft": {"rows": len(sft), "path": str(_write(out / "sft", sft, SFT_COLUMNS, fmt, (
+        "AvR stage-2 long-thought SFT examples",
+        "Long refinement thoughts (answer, criticisms, improvements, final answer) written out "
+        "from AvR stage-2 refinement searches, as SFT conversations.", cfg)))}}
     if have_thoughts:
         written["preference"] = {"rows": len(pairs),
-                                 "path": str(_write(out / "preference", pairs, PREFERENCE_COLUMNS, fmt))}
+                                 "path": str(_write(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
+                                     "AvR stage-2 thought preference pairs",
+                                     "Best-vs-worst sampled long thoughts of the thought-SFT model "
+                                     "(length-controlled unless synth.thoughts.length_control is "
+                                     "off), in TRL's conversational format.", cfg)))}
     else:
         print(f"no thought samples in {thoughts_dir}: thought pairs need `avr synth thoughts` with the thought-SFT "
               "model (synth.policy.model); wrote the thought SFT data only")

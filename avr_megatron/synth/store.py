@@ -134,15 +134,43 @@ class ShardStore:
 
     def write_chunk(self, chunk: int, rows: Sequence[dict[str, Any]], schema) -> Path:
         path = self.part_path(chunk)
-        write_rows(path, rows, schema, self.fmt)
+        try:
+            write_rows(path, rows, schema, self.fmt)
+        except OSError as e:
+            self._storage_failure(path, e)
+            raise
         return path
 
     def write_manifest(self, **fields: Any) -> None:
-        atomic_write_json(self.manifest_path, {
-            "kind": self.kind, "shard": self.shard, "num_shards": self.num_shards,
-            "fingerprint": self.fingerprint, "fingerprint_sha256": fingerprint_digest(self.fingerprint),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields,
-        })
+        self._manifest = fields
+        try:
+            atomic_write_json(self.manifest_path, self._manifest_record(fields))
+        except OSError as e:
+            self._storage_failure(self.manifest_path, e)
+            raise
+
+    def _manifest_record(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return {"kind": self.kind, "shard": self.shard, "num_shards": self.num_shards,
+                "fingerprint": self.fingerprint, "fingerprint_sha256": fingerprint_digest(self.fingerprint),
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+
+    def _storage_failure(self, path: Path, error: OSError) -> None:
+        """Disk full / read-only: raise a StorageError naming the path and the finished chunks
+        (kept; a rerun skips them), after recording the error in the manifest if space allows."""
+        done = len(self.done_chunks()) if self.data.is_dir() else 0
+        err = files.storage_error(
+            path, error, kept=f"{done} finished chunk file(s) of shard {self.shard}/{self.num_shards} in {self.data} "
+                              "(the chunk in flight is lost)",
+            resume="free space (or make it writable) and rerun the same command: finished chunks are skipped")
+        if err is None:
+            return
+        manifest = getattr(self, "_manifest", None)
+        if manifest is not None and path != self.manifest_path:
+            try:
+                atomic_write_json(self.manifest_path, self._manifest_record({**manifest, "error": str(err)}))
+            except OSError:
+                pass
+        raise err from error
 
     def shard_rows(self) -> list[dict[str, Any]]:
         """This shard's rows, chunk by chunk."""

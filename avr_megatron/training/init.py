@@ -160,12 +160,12 @@ def load_initial_weights(chunks, cfg: AvrConfig, src: InitFromConfig, key: str) 
     if src.mcore:
         ckpt = resolve(src.mcore)
         check_checkpoint_shape(ckpt, cfg, f"{key}.mcore")
-        load_checkpoint(ckpt, chunks)
+        load_checkpoint(ckpt, chunks, fully_parallel=cfg.checkpoint.fully_parallel_load)
         return f"mcore:{ckpt}"
     if src.hf:
         ckpt = resolve(hf_init_checkpoint(cfg, src.hf, f"{key}.hf"))
         check_checkpoint_shape(ckpt, cfg, f"{key}.hf")
-        load_checkpoint(ckpt, chunks)
+        load_checkpoint(ckpt, chunks, fully_parallel=cfg.checkpoint.fully_parallel_load)
         return f"hf:{src.hf}"
     return f"random(seed={cfg.run.seed})"
 

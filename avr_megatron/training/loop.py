@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from avr_megatron.config import AvrConfig, ConfigError, save_config
-from avr_megatron.data.batches import collate
+from avr_megatron.data.batches import collate, trims_padding
 from avr_megatron.data.dataset import TrainingData
 from avr_megatron.data.sampler import StepSampler
 from avr_megatron.runtime.device import device, on_gpu
@@ -72,8 +72,12 @@ def _write_json(path: Path, obj: dict) -> None:
 
 class Trainer:
     def __init__(self, cfg: AvrConfig, objective, data: TrainingData, layout: ParallelLayout,
-                 *, use_te: bool, progress: bool = True, extra_summary: dict | None = None):
+                 *, use_te: bool, progress: bool = True, extra_summary: dict | None = None,
+                 validation=None):
+        """validation: an avr_megatron.training.evaluation.Validation (data.valid), or None."""
         self.cfg, self.objective, self.data, self.layout = cfg, objective, data, layout
+        self.validation = validation
+        self.last_eval: dict = {}
         self.use_te, self.progress = use_te, progress
         self.extra_summary = extra_summary or {}
         t = cfg.train
@@ -93,7 +97,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
 
     def _build(self):
-        from avr_megatron.checkpoint.dist_ckpt import CheckpointError, load_checkpoint, resolve
+        from avr_megatron.checkpoint.dist_ckpt import CheckpointError, load_newest_intact, resolve
         from avr_megatron.models.llama import build_model, unwrap
         from avr_megatron.runtime.distributed import seed_everything
         from avr_megatron.training.init import load_initial_weights
@@ -122,7 +126,12 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg)
         state = {}
         if resume_from is not None:
-            meta = load_checkpoint(resume_from, chunks, optimizer=optimizer, scheduler=scheduler)
+            # The newest checkpoint that loads: a corrupted newest one is named in a warning and
+            # the previous one used (checkpoint.keep_last >= 2 keeps one).
+            meta, resume_from = load_newest_intact(
+                self.ckpt_dir, chunks, optimizer=optimizer, scheduler=scheduler,
+                any_rank=lambda failed: _any_rank(failed)[0],
+                fully_parallel=cfg.checkpoint.fully_parallel_load)
             state = meta["state"]
             self._check_resume(state, resume_from)
             log.info("resumed from %s at iteration %d", resume_from, meta["iteration"])
@@ -149,8 +158,9 @@ class Trainer:
         bins = self.sampler.rank_batch(step, parallel_state.get_data_parallel_rank(),
                                        self.layout.dp)
         k = self.bins_per_microbatch
-        return [collate(self.data.data, self.data.plan, bins[i:i + k], self.data.chat.pad_id)
-                for i in range(0, len(bins), k)]
+        trim = trims_padding(self.use_te, self.layout.pp)
+        return [collate(self.data.data, self.data.plan, bins[i:i + k], self.data.chat.pad_id,
+                        trim=trim) for i in range(0, len(bins), k)]
 
     def _step_tokens(self, step: int) -> tuple[int, int, int]:
         """(real tokens, trained tokens, sum of squared sequence lengths) of the global batch."""
@@ -158,20 +168,62 @@ class Trainer:
         units = np.concatenate([plan.bin(int(b)) for b in self.sampler.global_batch(step)])
         seqs = np.concatenate([np.arange(u * d.seqs_per_unit, (u + 1) * d.seqs_per_unit)
                                for u in units])
-        lengths = d.seq_lengths[seqs]
+        lengths = d.seq_offsets[seqs + 1] - d.seq_offsets[seqs]  # only this batch's entries
         targets = sum(d.sequence_targets(int(s)) for s in seqs)
         return int(lengths.sum()), int(targets), int((lengths ** 2).sum())
 
     def _save(self, iteration: int, counters: dict) -> Path:
-        from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
+        from avr_megatron.checkpoint.dist_ckpt import save_checkpoint, save_failure
+        from avr_megatron.training.setup import params_synced
 
         state = {"stage": self.objective.name, "iteration": iteration,
                  "consumed_bins": iteration * self.cfg.train.global_batch_size,
-                 "examples_fingerprint": self.data.data.fingerprint(), **counters}
+                 "examples_fingerprint": self.data.data.fingerprint(), **counters,
+                 "lineage": self._lineage()}
         keep = self.cfg.checkpoint.keep_last or None
-        return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
-                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                               keep_last=keep)
+        try:
+            with params_synced(self.chunks):
+                return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
+                                       optimizer=self.optimizer, scheduler=self.scheduler,
+                                       state=state, keep_last=keep)
+        except BaseException as e:  # disk full / read-only: say so, name what was kept
+            # (DCP reports write failures as CheckpointException, a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = save_failure(self.ckpt_dir, iteration, e)
+            if error is None:
+                raise
+            raise error from e
+
+    def _lineage(self) -> dict:
+        """What an exported model's card says it was trained on (see conversion/model_card)."""
+        def data(td):
+            return {"files_fingerprint": td.files_fingerprint,
+                    "examples_fingerprint": td.data.fingerprint(), "examples": len(td.data),
+                    "tokens": td.data.summary.tokens}
+
+        return {"train_iters": self.train_iters,
+                "tokenizer_fingerprint": self.data.tokenizer_fingerprint,
+                "train": data(self.data),
+                "valid": data(self.validation.data) if self.validation else None,
+                "eval": self.last_eval or None}
+
+    def _evaluate(self, seq_length: int, mbs: int, n_mb: int) -> dict:
+        from megatron.core import parallel_state
+
+        from avr_megatron.training.evaluation import evaluate
+
+        t0 = time.time()
+        t = self.cfg.train
+        result = evaluate(self.objective, self.chunks, self.validation,
+                          global_batch_size=t.global_batch_size,
+                          micro_batch_size=self.bins_per_microbatch, eval_iters=t.eval_iters,
+                          dp_rank=parallel_state.get_data_parallel_rank(), dp=self.layout.dp,
+                          seq_length=seq_length, schedule_micro_batch_size=mbs,
+                          microbatches_per_call=n_mb)
+        result["eval/seconds"] = time.time() - t0
+        self.last_eval = result
+        return result
 
     def _mfu_denominator(self) -> float | None:
         if not on_gpu():
@@ -188,7 +240,7 @@ class Trainer:
         from avr_megatron.training.flops import forward_flops
         from avr_megatron.training.metrics_log import MetricsLog, ProgressLog
         from avr_megatron.training.reference import schedule_shape
-        from avr_megatron.training.setup import num_microbatches
+        from avr_megatron.training.setup import num_microbatches, params_synced
         from avr_megatron.training.step import forward_backward, optimizer_step
 
         cfg, rank0 = self.cfg, is_rank0()
@@ -252,6 +304,10 @@ class Trainer:
                 row["tflops_per_gpu"] = flops / seconds / self.layout.world_size / 1e12
                 if mfu_den:
                     row["mfu"] = flops / seconds / mfu_den
+                every = cfg.train.eval_interval or 0
+                if self.validation is not None and (
+                        (every and (it + 1) % every == 0) or it + 1 == self.train_iters):
+                    row.update(self._evaluate(seq_length, mbs, n_mb))
                 history.add({"iteration": it + 1, **row})
                 metrics_log.log(it + 1, row)
                 bar.update(it + 1, row)
@@ -285,6 +341,8 @@ class Trainer:
             exported = export_final(resolve(self.ckpt_dir), cfg)
         summary = self._summary(status, start, iteration, history, t_start, exported)
         metrics_log.close(summary)
+        with params_synced(self.chunks):  # the returned chunks hold the final weights
+            pass
         return TrainResult(status, EXIT_PREEMPTED if status == "preempted" else 0, summary,
                            self.chunks, self.optimizer, self.scheduler)
 
@@ -307,6 +365,8 @@ class Trainer:
                             for k in keys if all(isinstance(h.get(k), (int, float))
                                                  for h in history.tail)},
             "data": self.data.summary(),
+            "eval": self.last_eval or None,
+            "valid_data": self.validation.data.summary() if self.validation else None,
             **self.extra_summary,
         }
         if is_rank0():

@@ -1,7 +1,7 @@
 """Where training metrics go, on rank 0: `<run.dir>/metrics.jsonl` (every step; the record tests
 and tools read), TensorBoard (every train.log_interval steps) and Weights & Biases when
-`logging.wandb_project` is set. A resumed run first drops entries past its checkpoint, so the
-logs read as one uninterrupted run.
+`logging.wandb_project` is set; validation metrics (eval/...) whenever they are computed. A
+resumed run first drops entries past its checkpoint, so the logs read as one uninterrupted run.
 
 `ProgressLog` is what a person watching the run sees: a progress bar on a terminal, and
 elsewhere (Slurm rank logs, pipeline task logs) one plain line every train.log_interval steps,
@@ -57,15 +57,19 @@ class MetricsLog:
             return
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"iteration": iteration, **values}) + "\n")
-        if iteration % self.interval:
+        # Training metrics every train.log_interval steps as train/<name>; validation metrics
+        # (already named eval/<name>) whenever there are some.
+        scalars = {(k if k.startswith("eval/") else f"train/{k}"): v
+                   for k, v in _finite(values).items()
+                   if k.startswith("eval/") or iteration % self.interval == 0}
+        if not scalars:
             return
-        scalars = _finite(values)
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(f"train/{k}", v, iteration)
+                self.tb.add_scalar(k, v, iteration)
             self.tb.flush()
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=iteration)
+            self.wandb.log(scalars, step=iteration)
 
     def close(self, summary: dict | None = None) -> None:
         if self.tb is not None:

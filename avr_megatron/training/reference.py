@@ -77,16 +77,24 @@ def reference_identity(cfg: AvrConfig) -> dict:
             "fingerprint": f"seed{cfg.run.seed}-{_model_shape_hash(cfg)}"}
 
 
-def store_path(cfg: AvrConfig) -> Path:
-    if cfg.logps.path:
-        return Path(cfg.logps.path)
-    if cfg.data.train is None:
-        raise ConfigError("logps.path is not set and there is no data.train to put it next to")
-    if any(ch in cfg.data.train for ch in "*?["):
-        raise ConfigError(f"data.train={cfg.data.train!r} is a glob: set logps.path to say "
-                          "where the reference log-probs live")
-    train = Path(cfg.data.train.rstrip("/"))
-    return train.with_name(train.name + ".ref_logps")
+def _split(td) -> str:
+    return getattr(td, "split", "train")  # data.train unless the data says data.valid
+
+
+def store_path(cfg: AvrConfig, split: str = "train") -> Path:
+    """Where the reference log-probs of data.<split> (train or valid) live."""
+    key = "logps.path" if split == "train" else "logps.valid_path"
+    explicit = cfg.logps.path if split == "train" else cfg.logps.valid_path
+    if explicit:
+        return Path(explicit)
+    data = getattr(cfg.data, split)
+    if data is None:
+        raise ConfigError(f"{key} is not set and there is no data.{split} to put it next to")
+    if any(ch in data for ch in "*?["):
+        raise ConfigError(f"data.{split}={data!r} is a glob: set {key} to say where the "
+                          "reference log-probs live")
+    path = Path(data.rstrip("/"))
+    return path.with_name(path.name + ".ref_logps")
 
 
 def reference_config(cfg: AvrConfig) -> AvrConfig:
@@ -109,7 +117,8 @@ def make_stamp(cfg: AvrConfig, td: TrainingData, layout) -> dict:
         "format": FORMAT,
         "reference": reference_identity(cfg),
         "tokenizer_fingerprint": td.tokenizer_fingerprint,
-        "data": {"train": str(cfg.data.train), "files_fingerprint": td.files_fingerprint,
+        "data": {_split(td): str(getattr(cfg.data, _split(td))),
+                 "files_fingerprint": td.files_fingerprint,
                  "examples_fingerprint": td.data.fingerprint(), "examples": len(td.data)},
         "tokenisation": {"seq_length": cfg.train.seq_length, "overlong": cfg.data.overlong},
         "precision": reference_precision(cfg),
@@ -123,7 +132,7 @@ def make_stamp(cfg: AvrConfig, td: TrainingData, layout) -> dict:
 def load_store(cfg: AvrConfig, td: TrainingData) -> tuple[np.ndarray, np.ndarray, dict]:
     """(ref chosen [units], ref rejected [units], stamp) aligned with td's units, after checking
     that the store belongs to this reference, tokenizer and data."""
-    path = store_path(cfg)
+    path = store_path(cfg, _split(td))
     recompute = (f"recompute them with `avr logps` and the same recipe (it writes {path}), or "
                  "set loss.reference=online")
     if not (path / STAMP).is_file():
@@ -350,11 +359,11 @@ def compute_store(cfg: AvrConfig, td: TrainingData, chunks, layout, *, use_te: b
     from megatron.core import parallel_state
     from tqdm import tqdm
 
-    from avr_megatron.data.batches import collate
+    from avr_megatron.data.batches import collate, trims_padding
     from avr_megatron.runtime.distributed import is_rank0
     from avr_megatron.training.losses.common import SequenceLogprobs
 
-    path = store_path(cfg)
+    path = store_path(cfg, _split(td))
     parts = path / PARTS
     stamp = make_stamp(cfg, td, layout)
     key = _stamp_key(stamp)
@@ -382,6 +391,7 @@ def compute_store(cfg: AvrConfig, td: TrainingData, chunks, layout, *, use_te: b
     seq_logprobs = SequenceLogprobs(cfg.model.vocab_size, cfg.loss.logprob_chunk_size).sequences
     writer = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
               and parallel_state.get_tensor_model_parallel_rank() == 0)
+    trim = trims_padding(use_te, layout.pp)
     start = time.time()
     bar = tqdm(range(num_rounds), desc="avr logps", unit="round",
                disable=not (progress and rank0) or None)  # None: on a terminal only
@@ -391,7 +401,7 @@ def compute_store(cfg: AvrConfig, td: TrainingData, chunks, layout, *, use_te: b
             continue
         bins = np.arange(r * per_round, min((r + 1) * per_round, td.plan.num_bins))
         mine = bins[dp_rank::dp]
-        batches = [collate(td.data, td.plan, mine[k:k + mbs], td.chat.pad_id)
+        batches = [collate(td.data, td.plan, mine[k:k + mbs], td.chat.pad_id, trim=trim)
                    for k in range(0, len(mine), mbs)]
         rows = {"unit": [], "chosen": [], "rejected": []}
         if batches:

@@ -6,6 +6,8 @@ between them is a forward-step function injected into `training.step.train_step`
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from avr_megatron.config import AvrConfig, ConfigError
@@ -19,12 +21,31 @@ def num_microbatches(cfg: AvrConfig, layout: ParallelLayout) -> int:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {layout.dp}")
+    from avr_megatron.config.validate import interleaving_microbatches
+
+    errors = interleaving_microbatches(cfg, layout.dp)
+    if errors:
+        raise ConfigError(errors[0])
     return t.global_batch_size // per_step
+
+
+def overlap_settings(cfg: AvrConfig) -> tuple[bool, bool]:
+    """(overlap_grad_reduce, overlap_param_gather) resolved on this machine: the ddp.* keys, or
+    when unset, on for GPU runs (param gather only with the distributed optimizer)."""
+    from avr_megatron.runtime.device import on_gpu
+
+    d, distopt = cfg.ddp, cfg.optimizer.use_distributed_optimizer
+    grad = on_gpu() if d.overlap_grad_reduce is None else d.overlap_grad_reduce
+    param = (on_gpu() and distopt) if d.overlap_param_gather is None else d.overlap_param_gather
+    return grad, param
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], cfg: AvrConfig) -> list[torch.nn.Module]:
     """Megatron DistributedDataParallel around each chunk (grad buffers, bucketed all-reduce or
-    reduce-scatter for the distributed optimizer), and the hooks the schedules call."""
+    reduce-scatter for the distributed optimizer), and the hooks the schedules call. With
+    overlapped communication the schedules get Megatron-LM's hooks: no_sync (gradients are
+    reduced once, after the last microbatch), start_grad_sync per chunk, and under interleaving
+    start_param_sync per chunk (param all-gathers aligned across pipeline stages)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -33,9 +54,13 @@ def wrap_ddp(chunks: list[torch.nn.Module], cfg: AvrConfig) -> list[torch.nn.Mod
 
     from avr_megatron.models.llama import unwrap
 
+    overlap_grad, overlap_param = overlap_settings(cfg)
+    interleaved = len(chunks) > 1
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad,
+        overlap_param_gather=overlap_param,
+        align_param_gather=overlap_param and interleaved,
         use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
@@ -45,8 +70,34 @@ def wrap_ddp(chunks: list[torch.nn.Module], cfg: AvrConfig) -> list[torch.nn.Mod
         wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config,
                                                module=chunk, disable_bucketing=i > 0))
     config = unwrap(chunks[0]).config
+
+    def per_chunk(name):
+        fns = [getattr(c, name) for c in wrapped]
+        return fns if interleaved else fns[0]
+
+    config.no_sync_func = per_chunk("no_sync") if overlap_grad else None
+    config.grad_sync_func = per_chunk("start_grad_sync") if overlap_grad else None
+    config.param_sync_func = per_chunk("start_param_sync") if ddp_config.align_param_gather \
+        else None
     config.finalize_model_grads_func = finalize_model_grads
     return wrapped
+
+
+@contextmanager
+def params_synced(chunks: list[torch.nn.Module]):
+    """The model's parameters as the optimizer last set them. With ddp overlap_param_gather the
+    other data-parallel ranks' updated shards arrive lazily, in the next forward pass; a save,
+    an export or a read of the weights needs them now. As Megatron-LM does around a save: drop
+    the forward pre-hooks (which all-gathers synchronously), then put them back."""
+    hooked = [c for c in chunks if getattr(getattr(c, "ddp_config", None),
+                                           "overlap_param_gather", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 def build_optimizer(chunks: list[torch.nn.Module], cfg: AvrConfig):

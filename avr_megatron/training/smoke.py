@@ -67,6 +67,7 @@ def run_smoke(cfg: AvrConfig, progress: bool = True) -> SmokeRun:
         build_optimizer,
         build_scheduler,
         num_microbatches,
+        params_synced,
         wrap_ddp,
     )
     from avr_megatron.training.step import train_step
@@ -93,6 +94,8 @@ def run_smoke(cfg: AvrConfig, progress: bool = True) -> SmokeRun:
                         "grad_norm": result.grad_norm})
         bar.set_postfix(loss=f"{result.metrics['loss']:.3f}")
     elapsed = time.time() - start
+    with params_synced(chunks):  # the returned chunks hold the final weights
+        pass
     summary = {
         "layout": vars(layout), "iters": t.train_iters, "first_loss": history[0]["loss"],
         "last_loss": history[-1]["loss"], "seconds": round(elapsed, 2),

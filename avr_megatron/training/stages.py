@@ -4,6 +4,7 @@ generic loop."""
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -27,6 +28,10 @@ def check_packed_layout(cfg: AvrConfig, use_te: bool) -> None:
                           "multiple of 16 (FP8 GEMM shapes)")
 
 
+def _env_rank0() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def _start(cfg: AvrConfig, kind: str):
     from avr_megatron.data.dataset import load_training_data
     from avr_megatron.models.llama import uses_transformer_engine
@@ -37,18 +42,26 @@ def _start(cfg: AvrConfig, kind: str):
     adopt_hf_model_config(cfg)
     use_te = uses_transformer_engine(cfg)
     check_packed_layout(cfg, use_te)
-    data = load_training_data(cfg, kind)  # before process groups: fails fast on bad data
+    # Before process groups: fails fast on bad data. One process prepares (maps) it, the
+    # others wait for it (data.prepared).
+    data = load_training_data(cfg, kind, progress=_env_rank0())
+    valid = (load_training_data(cfg, kind, split="valid", progress=_env_rank0())
+             if cfg.data.valid else None)
     layout = initialize(cfg)
-    return data, layout, use_te
+    return data, valid, layout, use_te
 
 
 def run_sft(cfg: AvrConfig, progress: bool = True) -> TrainResult:
     from avr_megatron.training.losses.sft import SFTObjective
 
-    data, layout, use_te = _start(cfg, "sft")
+    from avr_megatron.training.evaluation import Validation
+
+    data, valid, layout, use_te = _start(cfg, "sft")
     objective = SFTObjective(vocab_size=cfg.model.vocab_size, use_te=use_te,
                              bf16=cfg.precision.bf16, chunk_size=cfg.loss.logprob_chunk_size)
-    return Trainer(cfg, objective, data, layout, use_te=use_te, progress=progress).run()
+    validation = Validation(valid, objective.prepare) if valid else None
+    return Trainer(cfg, objective, data, layout, use_te=use_te, progress=progress,
+                   validation=validation).run()
 
 
 def build_reference(cfg: AvrConfig, data, *, use_te: bool):
@@ -72,8 +85,16 @@ def build_reference(cfg: AvrConfig, data, *, use_te: bool):
 def run_dpo(cfg: AvrConfig, progress: bool = True) -> TrainResult:
     from avr_megatron.training.losses.preference import PreferenceObjective
 
-    data, layout, use_te = _start(cfg, "preference")
+    from avr_megatron.training.evaluation import Validation
+    from avr_megatron.training.reference import PrecomputedReference
+
+    data, valid, layout, use_te = _start(cfg, "preference")
     reference = build_reference(cfg, data, use_te=use_te)
+    validation = None
+    if valid is not None:  # an online reference scores any batch; stored ones are per split
+        valid_ref = (PrecomputedReference.load(cfg, valid)
+                     if cfg.loss.reference == "precomputed" else reference)
+        validation = Validation(valid, valid_ref.attach)
     gaps = data.data.reward_gap
     gap_mean = float(np.nanmean(gaps)) if cfg.loss.reward_gap == "weight" else None
     objective = PreferenceObjective(cfg.loss, vocab_size=cfg.model.vocab_size, use_te=use_te,
@@ -83,13 +104,15 @@ def run_dpo(cfg: AvrConfig, progress: bool = True) -> TrainResult:
                       "reward_gap": cfg.loss.reward_gap, "reference": cfg.loss.reference,
                       "gap_mean": gap_mean}}
     return Trainer(cfg, objective, data, layout, use_te=use_te, progress=progress,
-                   extra_summary=extra).run()
+                   extra_summary=extra, validation=validation).run()
 
 
 def run_logps(cfg: AvrConfig, progress: bool = True):
-    """`avr logps`: reference log-probs of every pair of data.train, stored next to it."""
+    """`avr logps`: reference log-probs of every pair of data.train (and data.valid), each
+    stored next to its data. Returns [(path, computed)] per split."""
     from avr_megatron.training.reference import build_reference_model, compute_store
 
-    data, layout, use_te = _start(cfg, "preference")
+    data, valid, layout, use_te = _start(cfg, "preference")
     chunks = build_reference_model(cfg)
-    return compute_store(cfg, data, chunks, layout, use_te=use_te, progress=progress)
+    return [compute_store(cfg, td, chunks, layout, use_te=use_te, progress=progress)
+            for td in (data, valid) if td is not None]

@@ -36,7 +36,7 @@ def _as_sum_count(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _reduce_metrics(reported: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def reduce_metrics(reported: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Sum each metric's [sum, count] over this rank's microbatches and the data-parallel ranks,
     then divide (scalar metrics: the mean over microbatches and ranks). Every rank must report
     the same names (a loss function reports each of its metrics for every batch). One device
@@ -75,7 +75,7 @@ def forward_backward(forward_step: Callable, data_iterator: Iterator | list[Iter
         forward_step_func=forward_step, data_iterator=data_iterator, model=chunks,
         num_microbatches=num_microbatches, seq_length=seq_length,
         micro_batch_size=micro_batch_size, forward_only=forward_only)
-    return _reduce_metrics(reported)
+    return reduce_metrics(reported)
 
 
 def optimizer_step(optimizer) -> tuple[bool, float | None]:

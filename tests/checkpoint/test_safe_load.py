@@ -34,19 +34,15 @@ def _avr(*args):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A real tiny SFT checkpoint root (model + optimizer state) and its data."""
-    from avr_megatron.testing.toy_data import main as toy
-
-    root = tmp_path_factory.mktemp("safe_load")
-    toy([str(root / "toy")])
-    run = root / "sft"
+def trained(tmp_path_factory, toy):
+    """(toy data folder, a real tiny SFT checkpoint root with model + optimizer state)."""
+    run = tmp_path_factory.mktemp("safe_load") / "sft"
     out = _avr("train", "sft", "--recipe", "recipes/tiny_sft.yaml", f"run.dir={run}",
-               f"data.train={root / 'toy' / 'sft.jsonl'}", f"data.tokenizer={root / 'toy' / 'tokenizer'}",
+               f"data.train={toy / 'sft.jsonl'}", f"data.tokenizer={toy / 'tokenizer'}",
                "train.train_iters=1", "train.global_batch_size=2", "train.micro_batch_size=2",
                "checkpoint.save_interval=1")
     assert out.returncode == 0, out.stderr[-3000:]
-    return root, run / "checkpoints"
+    return toy, run / "checkpoints"
 
 
 def _iter_dir(root: Path) -> Path:
@@ -96,7 +92,7 @@ def test_convert_refuses_crafted_metadata(tmp_path, trained, capsys, kind):
     marker = tmp_path / "PWNED"
     evil = craft(trained[1], tmp_path / "evil", marker)
     rc = main(["convert", "mcore-to-hf", "--ckpt", str(evil), "--out", str(tmp_path / "hf"),
-               "--tokenizer", str(trained[0] / "toy" / "tokenizer"), "--no-progress"])
+               "--tokenizer", str(trained[0] / "tokenizer"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and words in err and "not loaded" in err, err
     assert not marker.exists() and not (tmp_path / "hf").exists()
@@ -108,7 +104,7 @@ def test_init_from_and_resume_refuse_crafted_checkpoints(tmp_path, trained, kind
     craft, words = CRAFT[kind]
     marker = tmp_path / "PWNED"
     evil = craft(ckpts, tmp_path / "evil", marker)
-    data = [f"data.train={root / 'toy' / 'sft.jsonl'}", f"data.tokenizer={root / 'toy' / 'tokenizer'}",
+    data = [f"data.train={root / 'sft.jsonl'}", f"data.tokenizer={root / 'tokenizer'}",
             "train.train_iters=2", "train.global_batch_size=2", "train.micro_batch_size=2"]
     init = _avr("train", "sft", "--recipe", "recipes/tiny_sft.yaml", f"run.dir={tmp_path / 'init'}",
                 f"model.init_from.mcore={evil}", *data)
@@ -127,7 +123,7 @@ def test_logps_reference_refuses_crafted_metadata(tmp_path, trained):
     marker = tmp_path / "PWNED"
     evil = _crafted_metadata(ckpts, tmp_path / "evil", marker)
     out = _avr("logps", "--recipe", "recipes/tiny_dpo.yaml", f"run.dir={tmp_path / 'run'}",
-               f"data.train={root / 'toy' / 'pairs.jsonl'}", f"data.tokenizer={root / 'toy' / 'tokenizer'}",
+               f"data.train={root / 'pairs.jsonl'}", f"data.tokenizer={root / 'tokenizer'}",
                f"model.init_from.mcore={evil}", "logps.path=" + str(tmp_path / "ref"))
     assert out.returncode == 2 and "refused to load _io.open" in out.stderr, out.stderr[-3000:]
     assert not marker.exists()

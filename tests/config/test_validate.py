@@ -40,6 +40,14 @@ BAD = [
      "exceeds model.max_position_embeddings=2048"),
     (["optimizer.min_lr=1.0", "optimizer.lr=0.1"], "optimizer.min_lr=1.0"),
     (["scheduler.decay_style=step"], "scheduler.decay_style='step'"),
+    (["model.preset=tiny", f"{TP}=2", "parallel.sequence_parallel=true", "train.seq_length=33",
+      "train.micro_batch_size=1"], "train.seq_length x train.micro_batch_size = 33 is not "
+     f"divisible by {TP}=2"),
+    (["ddp.overlap_param_gather=true", "optimizer.use_distributed_optimizer=false"],
+     "ddp.overlap_param_gather=true needs optimizer.use_distributed_optimizer=true"),
+    (["model.num_layers=4", f"{PP}=2", f"{VPP}=2", "train.global_batch_size=3",
+      "train.micro_batch_size=1"], "train.global_batch_size / train.micro_batch_size = 3 is not "
+     "a multiple of 2"),
 ]
 
 
@@ -82,3 +90,17 @@ def test_non_finite_float_is_refused_naming_the_key_given(override, key):
         load_config(None, [override])
     lines = [ln for ln in str(e.value).splitlines() if ln.strip().startswith("-")]
     assert len(lines) == 1 and f"{key}=" in lines[0] and "finite" in lines[0], str(e.value)
+
+
+def test_interleaved_microbatches_per_data_parallel_rank():
+    """The microbatch count per step and DP rank must be a multiple of PP under interleaving;
+    the data-parallel size is known at run time (or from launch.slurm.train)."""
+    from avr_megatron.runtime.distributed import ParallelLayout
+    from avr_megatron.training.setup import num_microbatches
+
+    cfg = load_config(None, ["model.num_layers=4", f"{PP}=2", f"{VPP}=2",
+                             "train.global_batch_size=6", "train.micro_batch_size=1"])
+    assert num_microbatches(cfg, ParallelLayout(1, 2, 2, 1, 1, 2)) == 6
+    with pytest.raises(ConfigError, match=r"data-parallel size 2\) = 3, to be a multiple of "
+                                          f"{PP}=2"):
+        num_microbatches(cfg, ParallelLayout(1, 2, 2, 1, 2, 4))

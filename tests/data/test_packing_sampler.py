@@ -22,6 +22,30 @@ def _first_fit_decreasing(lengths, capacity):
     return len(bins)
 
 
+def _reference_best_fit_decreasing(lengths, capacity):
+    """The plain algorithm: units longest first (ties by index), each into the open bin with
+    the least room that fits it (ties: the lowest bin index), else a new bin."""
+    bins, room = [], []
+    for u in sorted(range(len(lengths)), key=lambda u: (-lengths[u], u)):
+        fits = [b for b in range(len(bins)) if room[b] >= lengths[u]]
+        if fits:
+            b = min(fits, key=lambda b: (room[b], b))
+            bins[b].append(u)
+            room[b] -= lengths[u]
+        else:
+            bins.append([u])
+            room.append(capacity - lengths[u])
+    return bins
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=150), st.integers(64, 128))
+def test_best_fit_decreasing_matches_the_plain_algorithm(lengths, capacity):
+    plan = pack_best_fit_decreasing(np.asarray(lengths), capacity)
+    assert [plan.bin(b).tolist() for b in range(plan.num_bins)] == \
+        _reference_best_fit_decreasing(lengths, capacity)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 64), min_size=1, max_size=120), st.integers(64, 128))
 def test_best_fit_decreasing_is_valid_and_no_worse_than_ffd(lengths, capacity):

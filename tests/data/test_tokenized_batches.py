@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from avr_megatron.data.batches import block_causal_mask, collate, cu_seqlens
+from avr_megatron.data.batches import block_causal_mask, collate, cu_seqlens, trims_padding
 from avr_megatron.data.chat import ChatTokenizer, Encoded
 from avr_megatron.data.packing import pack_best_fit_decreasing
 from avr_megatron.data.records import PreferenceRecord, SFTRecord
@@ -79,6 +79,21 @@ def test_preferences_packed_pairs_stay_together(tokenizer):
     assert not batch.loss_mask[seg < 0].any()
     assert batch.real_tokens() == int(plan.fill.sum())
     assert batch.reward_gap.tolist() == [float(u) for u in batch.pair_units.tolist()]
+    # trim: the same micro-batch without the columns that are padding in every bin
+    for bins in ([0], [0, plan.num_bins - 1], list(range(plan.num_bins))):
+        full, cut = (collate(data, plan, bins, chat.pad_id, trim=t) for t in (False, True))
+        width = int(plan.fill[bins].max())
+        assert full.tokens.shape[1] == 256 and cut.tokens.shape == (len(bins), width)
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "segment"):
+            assert torch.equal(getattr(cut, name), getattr(full, name)[:, :width]), name
+        assert (full.segment[:, width:] == -1).all()
+        assert cut.real_tokens() == full.real_tokens()
+
+
+def test_trims_padding_only_where_row_length_may_vary():
+    assert trims_padding(use_te=False, pipeline_parallel_size=1)
+    assert not trims_padding(use_te=True, pipeline_parallel_size=1)  # THD keeps whole bins
+    assert not trims_padding(use_te=False, pipeline_parallel_size=2)  # fixed p2p shapes
 
 
 def test_block_causal_mask_and_cu_seqlens():

@@ -102,6 +102,15 @@ def _case():
                     errs.append(_rel(packed[r:r + 1, start:start + n], alone))
                 start += n
     result["packed_vs_alone"] = max(errs)
+    # a micro-batch trimmed to its fullest row (collate(trim=True)) computes the same tokens
+    rows = [0, 2]  # the bins with padding: their fullest holds 39 of 48 tokens
+    width = max(sum(n for s, n in LAYOUT[r] if s >= 0) for r in rows)
+    with torch.no_grad():
+        cut = ours(tokens[rows, :width], torch.arange(width).expand(len(rows), -1),
+                   seg[rows, :width])
+    real = seg[rows, :width] >= 0
+    result["trimmed_vs_full"] = _rel(cut[real], packed[rows, :width][real])
+    result["trimmed_width"] = width
 
     # the varlen (CUDA) path's layout, with a CPU stand-in for the flash varlen kernel
     def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
@@ -135,6 +144,7 @@ def test_sdpa_attention_equals_megatron_unfused():
     for name in ("packed", "causal", "bool_mask", "packed_recompute"):
         assert r[name]["logits"] < 1e-5 and r[name]["grads"] < 1e-4, (name, r[name])
     assert r["packed_vs_alone"] < 1e-5, r
+    assert r["trimmed_vs_full"] < 1e-5 and r["trimmed_width"] < S, r
     assert r["varlen_layout"] < 1e-6 and r["varlen_shape"], r
 
 

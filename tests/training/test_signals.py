@@ -14,15 +14,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    from avr_megatron.testing.toy_data import main as toy_main
-
-    root = tmp_path_factory.mktemp("toy")
-    toy_main([str(root)])
-    return root
-
-
 def _start(run_dir, toy, *extra):
     return subprocess.Popen(
         [sys.executable, "-m", "avr_megatron.cli.main", "train", "sft", "--recipe",

@@ -24,7 +24,7 @@ def test_reduce_means_totals_and_empty_means(monkeypatch):
                  "reward_gap": metric(0.0, 0), "lr_like": torch.tensor(1.0)},
                 {"loss": metric(torch.tensor(1.0), 2), "pairs": total(2),
                  "reward_gap": metric(0.0, 0), "lr_like": torch.tensor(3.0)}]
-    out = step._reduce_metrics(reported)
+    out = step.reduce_metrics(reported)
     assert out["loss"] == 1.0 and out["pairs"] == 4.0 and out["lr_like"] == 2.0
     assert math.isnan(out["reward_gap"])
 
