@@ -60,6 +60,7 @@ def ensure_tiny_models(cfg: AvrConfig) -> None:
 
 def make_tiny_models(base_dir: str, reward_dir: str) -> None:
     """The work of ensure_tiny_models, in the train environment."""
+    from avr_megatron.runtime.files import publish_dir
     from avr_megatron.testing.tiny_hf import make_tiny_llama, make_tiny_reward_model, train_tiny_tokenizer
 
     base = Path(base_dir)
@@ -72,7 +73,7 @@ def make_tiny_models(base_dir: str, reward_dir: str) -> None:
     if reward is not None and reward.parent == models and not reward.exists():
         made[reward.name] = make_tiny_reward_model(tmp / reward.name, tok)
     for name in made:
-        (tmp / name).rename(models / name)
+        publish_dir(tmp / name, models / name)
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"avr pipeline: made random tiny models {sorted(made)} in {models}")
 

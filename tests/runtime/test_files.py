@@ -45,3 +45,32 @@ def test_recycled_pid_is_stale(tmp_path):
     tmp.write_text("partial")
     os.utime(tmp, (1, 1))  # written in 1970, long before our parent started
     assert [p.name for p in files.remove_stale(tmp_path, files.STALE_FILE)] == [tmp.name]
+
+
+def test_atomic_file_any_writer_all_or_nothing(tmp_path):
+    """A library writer (here: plain open) writes the temporary; an error keeps the old file."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("old\n")
+    try:
+        with files.atomic_file(path) as tmp, open(tmp, "w") as f:
+            f.write("half")
+            raise RuntimeError("writer failed")
+    except RuntimeError:
+        pass
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+    with files.atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write("new\n")
+    assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+def test_atomic_write_json_format(tmp_path):
+    path = files.atomic_write_json(tmp_path / "s.json", {"b": "é", "a": 1})
+    assert path.read_text() == '{\n  "b": "é",\n  "a": 1\n}\n'
+
+
+def test_publish_dir(tmp_path):
+    build = files.temp_dir_path(tmp_path / "out")
+    build.mkdir()
+    (build / "x").write_text("1")
+    final = files.publish_dir(build, tmp_path / "out")
+    assert (final / "x").read_text() == "1" and not build.exists()
