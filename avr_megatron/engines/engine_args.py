@@ -41,7 +41,10 @@ RESERVED = {"seed": "per-request seeds come from run.seed", "runner": "the rewar
 
 
 def _source_path() -> Path | None:
-    spec = importlib.util.find_spec("vllm")  # a top-level lookup: does not import vllm
+    try:
+        spec = importlib.util.find_spec("vllm")  # a top-level lookup: does not import vllm
+    except (ImportError, ValueError):  # a finder that refuses vllm (a blocked role env), a broken install
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "engine" / "arg_utils.py"
