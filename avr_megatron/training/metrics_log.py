@@ -172,7 +172,9 @@ def _peak_memory_gib() -> float:
     """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
     import torch
 
-    if torch.cuda.is_available():
+    from avr_megatron.runtime.device import on_gpu
+
+    if on_gpu():
         return torch.cuda.max_memory_allocated() / 2 ** 30
     import resource
 
