@@ -130,7 +130,7 @@ def cpu_reference(out: Path, cpu: bool) -> None:
     import torch
 
     from avr_megatron.models.llama import build_model
-    from avr_megatron.models.state import gather_full
+    from avr_megatron.testing.state import gather_full
     from avr_megatron.runtime.distributed import initialize, shutdown
 
     sh = shapes(cpu)
@@ -149,7 +149,7 @@ def check_local_vs_cpu(ctx) -> dict:
 
     from avr_megatron.data.batches import PackedBatch
     from avr_megatron.models.llama import build_model
-    from avr_megatron.models.state import load_full_state_dict
+    from avr_megatron.testing.state import load_full_state_dict
     from avr_megatron.runtime.distributed import initialize
 
     ref_file = ctx.work / "cpu_reference.pt"
