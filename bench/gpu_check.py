@@ -375,6 +375,7 @@ def check_te_fp8_resume(ctx) -> dict:
     import torch
 
     from avr_megatron.checkpoint.dist_ckpt import load_checkpoint, save_checkpoint
+    from avr_megatron.training.setup import params_synced
 
     sh = shapes(ctx.cpu)
     cfg = make_cfg(sh["perf"] + ["model.transformer_impl=transformer_engine",
@@ -385,8 +386,9 @@ def check_te_fp8_resume(ctx) -> dict:
                    str(ctx.work / "fp8"))
     first = _timed_steps(cfg, "sft", True, 3, sh["perf_seq"], sh["perf_gbs"])
     chunks, optimizer, scheduler = first.pop("_state")
-    save_checkpoint(ctx.work / "fp8" / "ckpt", 3, chunks, cfg, optimizer=optimizer,
-                    scheduler=scheduler)
+    with params_synced(chunks):  # as the trainer saves (ddp.overlap_param_gather)
+        save_checkpoint(ctx.work / "fp8" / "ckpt", 3, chunks, cfg, optimizer=optimizer,
+                        scheduler=scheduler)
     scales = _te_scales(chunks)
     uninterrupted = _timed_steps(cfg, "sft", True, 1, sh["perf_seq"], sh["perf_gbs"],
                                  chunks, optimizer, scheduler, start_step=3)

@@ -10,7 +10,10 @@
 # recipe's TP x PP x CP must divide nodes x 8), --time, and the --output directory (must exist).
 # Stage: STAGE=smoke|sft|rsft|thought_sft|dpo|stage1_dpo|stage2_dpo|logps, or AVR_CMD="synth stage1".
 # Arguments after the script are recipe overrides (key=value). AVR_RECIPE picks another recipe,
-# AVR_PYTHON the Python that has avr_megatron installed (default python3; e.g. your venv's).
+# AVR_PYTHON the Python that has avr_megatron installed (default: the repository's .venv, the
+# train environment: README "On a cluster"); AVR_CONTAINER_IMAGE runs the processes in a
+# container instead (containers/train.Dockerfile; AVR_CONTAINER_MOUNTS for the file systems).
+# Placeholders (/path/to..., YOUR_...) in the keys the stage reads are refused, naming the key.
 # Preemption: Slurm sends USR1 to this script 10 min before the time limit; it is forwarded to
 # the training processes, which save a checkpoint and exit 75; the job then requeues itself and
 # resumes from checkpoint.dir. A job requeued by Slurm (node failure, `scontrol requeue`) also

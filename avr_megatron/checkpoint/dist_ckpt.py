@@ -452,7 +452,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], *, o
         try:
             te_pickles = vet_state_dict(state, ck)
         except UnsafeExtraStateError as e:
-            raise CheckpointError(f"{ckpt}: not loaded: {e}") from None
+            raise RefusedCheckpointError(f"{ckpt}: not loaded: {e}") from None
         with te_may_unpickle(te_pickles):
             result = unwrap(chunk).load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if (ck, k) not in tolerated]

@@ -32,15 +32,22 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a finder that refuses it (avr_megatron.testing.import_block)
+        return False
+
+
 def _code_paths() -> tuple[dict, dict]:
-    if importlib.util.find_spec("torch") is None:
+    if not _installed("torch"):
         return ({"available": False, "torch_cuda": None, "devices": []},
                 {"layer_spec": "n/a (torch is not installed: not a training environment)"})
     import torch
 
     cuda = torch.cuda.is_available()
     te_ok, te_reason, grad_fusion = False, "needs megatron-core", False
-    if importlib.util.find_spec("megatron") is not None:
+    if _installed("megatron"):
         from avr_megatron.models.llama import (
             grad_accumulation_fusion_available,
             transformer_engine_status,

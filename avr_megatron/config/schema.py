@@ -569,6 +569,34 @@ class EvalConfig:
 
 
 @dataclass
+class RoleEnvConfig:
+    """Where the stages of one role run (avr_megatron/launch/roles.py)."""
+
+    # The Python of this role's environment, as a command line (it may carry words, e.g.
+    # "env PYTHONPATH=/repo /venvs/synth/bin/python"); stages run `<python> -m
+    # avr_megatron.cli.main ...`. Local executors run it here; on Slurm it must exist on the
+    # nodes (shared file system) or inside container_image. None: the Python running
+    # `avr pipeline` (outside a container), `avr` inside container_image.
+    python: Optional[str] = None
+    # Container image of this role on Slurm (pyxis/enroot: a .sqsh file or a registry image,
+    # built from containers/<role>.Dockerfile); None: no container. Local executors ignore it.
+    container_image: Optional[str] = None
+
+
+@dataclass
+class PipelineEnvsConfig:
+    """One environment per role: synthesis (vLLM) and training (Megatron-Core + TE) cannot
+    share one; `avr pipeline` itself runs in the launch environment (NeMo-Run)."""
+
+    # Synthesis, pair building and evaluation stages: requirements/synth.txt,
+    # containers/synth.Dockerfile.
+    synth: RoleEnvConfig = field(default_factory=RoleEnvConfig)
+    # Training and reference log-prob stages: requirements/train.txt,
+    # containers/train.Dockerfile.
+    train: RoleEnvConfig = field(default_factory=RoleEnvConfig)
+
+
+@dataclass
 class PipelineConfig:
     """`avr pipeline`: every AvR stage in order, in <run.dir>/stages/<stage>/ with a manifest."""
 
@@ -589,6 +617,8 @@ class PipelineConfig:
     # Keys are stage names (`avr pipeline --list` shows them); every stage's config is built
     # and validated before the first stage starts.
     stages: Dict[str, Any] = field(default_factory=dict)
+    # The environment (Python, container image) each role's stages run in.
+    envs: PipelineEnvsConfig = field(default_factory=PipelineEnvsConfig)
 
 
 @dataclass
@@ -617,10 +647,8 @@ class SlurmConfig:
     account: Optional[str] = None
     # Default partition of every task (each profile may set its own).
     partition: Optional[str] = None
-    # Container image and mounts (pyxis/enroot `--container-image`, `--container-mounts`);
-    # None: run in the submitting environment.
-    container_image: Optional[str] = None
-    # Mounts as host:container paths (pyxis --container-mounts).
+    # Mounts of the containers (pipeline.envs.<role>.container_image) as host:container paths
+    # (pyxis --container-mounts): run.dir, models and data must be visible inside.
     container_mounts: List[str] = field(default_factory=list)
     # Extra environment variables of every task.
     env: Dict[str, str] = field(default_factory=dict)
@@ -635,9 +663,6 @@ class SlurmConfig:
     # Job files (sbatch scripts, logs) of NeMo-Run; None: <run.dir>/slurm. With tunnel=ssh,
     # a directory on the cluster.
     job_dir: Optional[str] = None
-    # The command that starts `avr` on the nodes; None: "avr" in a container, else this
-    # Python (`<python> -m avr_megatron.cli.main`, for a shared file system).
-    avr_command: Optional[str] = None
     # Send SIGUSR1 this many seconds before the time limit (training checkpoints and exits
     # with code 75); 0 disables it.
     signal_seconds: int = 300

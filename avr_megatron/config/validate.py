@@ -363,6 +363,11 @@ def _pipeline(cfg: AvrConfig) -> list[str]:
         if not isinstance(override, dict):
             errs.append(f"pipeline.stages.{name} must be a mapping of overrides in the recipe's "
                         f"layout (e.g. {{train: {{train_iters: 100}}}}), got {override!r}")
+    for role in ("synth", "train"):
+        env = getattr(p.envs, role)
+        for key in ("python", "container_image"):
+            if getattr(env, key) is not None and not str(getattr(env, key)).strip():
+                errs.append(f"pipeline.envs.{role}.{key} is empty: set it or use null")
     return errs
 
 
@@ -411,8 +416,18 @@ def _launch_slurm(cfg: AvrConfig) -> list[str]:
     for i, mount in enumerate(s.container_mounts):
         if ":" not in mount:
             errs.append(f"launch.slurm.container_mounts[{i}]={mount!r} must be SRC:DST[:FLAGS]")
-    if s.container_mounts and not s.container_image:
-        errs.append("launch.slurm.container_mounts need launch.slurm.container_image")
+    envs = cfg.pipeline.envs
+    if s.container_mounts and not (envs.synth.container_image or envs.train.container_image):
+        errs.append("launch.slurm.container_mounts need a container image "
+                    "(pipeline.envs.synth/train.container_image)")
+    if s.tunnel == "ssh":
+        for role in ("synth", "train"):
+            env = getattr(envs, role)
+            if not (env.container_image or env.python):
+                # The default, this machine's interpreter path, means nothing on the cluster.
+                errs.append(f"launch.slurm.tunnel=ssh needs pipeline.envs.{role}.container_image "
+                            f"or pipeline.envs.{role}.python (the {role} environment's Python on "
+                            "the cluster)")
     if errs or cfg.pipeline.executor != "slurm":
         return errs
     # Layout checks that need the world size, which launch.slurm.train fixes on Slurm.

@@ -5,8 +5,9 @@ their dry run and read run.dir from it before starting the processes.
 
     python -m avr_megatron.launch.plan --recipe recipes/llama3_70b.yaml --world-size 64 [k=v ...]
 
-Exit code 2 with a message naming the keys when the recipe is invalid or the world size does
-not fit its layout.
+Exit code 2 with a message naming the keys when the recipe is invalid, the world size does not
+fit its layout, or a value the command reads is still a placeholder (`/path/to/...`,
+`YOUR_...`; with --dryrun they are warnings).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import sys
 
 from avr_megatron.config import AvrConfig, ConfigError, load_config
+from avr_megatron.config.placeholders import (SECTIONS_OF_COMMAND, find_placeholders,
+                                              placeholder_message)
 
 
 def describe(cfg: AvrConfig, world_size: int) -> str:
@@ -53,10 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", "-r", required=True)
     ap.add_argument("--world-size", type=int, required=True,
                     help="processes in the job (nodes x tasks per node)")
+    ap.add_argument("--command", default="train",
+                    help="the avr command the job runs (its first word picks the recipe sections "
+                         "checked for placeholders)")
+    ap.add_argument("--dryrun", action="store_true",
+                    help="placeholders are warnings (the plan is still printed), not errors")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
     try:
-        print(describe(load_config(args.recipe, args.overrides), args.world_size))
+        cfg = load_config(args.recipe, args.overrides)
+        found = find_placeholders(cfg, SECTIONS_OF_COMMAND.get(args.command.split()[0]))
+        if found and not args.dryrun:
+            raise ConfigError(placeholder_message(found))
+        for item in found:
+            print(f"WARNING: placeholder {item}: edit it before submitting", file=sys.stderr)
+        print(describe(cfg, args.world_size))
     except ConfigError as e:
         print(f"avr plan: error: {e}", file=sys.stderr)
         return 2

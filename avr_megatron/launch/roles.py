@@ -163,6 +163,23 @@ def role_status(role: str) -> dict:
             "mismatched": [c.describe() for c in mismatched]}
 
 
+# ---------------------------------------------------------------- pipeline environments
+
+def role_of(resources: str) -> str:
+    """The role whose environment runs a stage of this resource profile."""
+    return ROLE_OF_RESOURCES[resources]
+
+
+def role_python(cfg, role: str) -> list[str]:
+    """The command words that start the role's Python outside a container:
+    pipeline.envs.<role>.python, else the interpreter running `avr pipeline`."""
+    import shlex
+    import sys
+
+    python = getattr(cfg.pipeline.envs, role).python
+    return shlex.split(python) if python else [sys.executable]
+
+
 # ---------------------------------------------------------------- lock files
 
 def read_lock(path: Path) -> dict[str, str]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from avr_megatron.launch.roles import role_of
 from avr_megatron.pipeline.spec import StageFailed, StageSpec, StageTask
 
 EXIT_PREEMPTED = 75  # avr_megatron.training.signals.EXIT_PREEMPTED (not imported: it pulls torch)
@@ -86,10 +87,17 @@ class SlurmStageExecutor:
             return self.s.job_dir
         return os.path.join(self.local_dir(), "experiments")
 
-    def avr_command(self) -> list[str]:
-        if self.s.avr_command:
-            return shlex.split(self.s.avr_command)
-        if self.s.container_image:
+    def env(self, spec: StageSpec):
+        """pipeline.envs.<role> of the stage: its Python and container image."""
+        return getattr(self.cfg.pipeline.envs, role_of(spec.resources))
+
+    def avr_command(self, spec: StageSpec) -> list[str]:
+        """How a task starts `avr` on the nodes: the role's Python when set, `avr` in its
+        container, else this interpreter (a shared file system: launch.slurm.tunnel=local)."""
+        env = self.env(spec)
+        if env.python:
+            return [*shlex.split(env.python), "-m", "avr_megatron.cli.main"]
+        if env.container_image:
             return ["avr"]
         return [sys.executable, "-m", "avr_megatron.cli.main"]
 
@@ -119,22 +127,23 @@ class SlurmStageExecutor:
             mem=profile.mem,
             time=profile.time,
             signal=(f"USR1@{self.s.signal_seconds}" if self.s.signal_seconds else None),
-            container_image=self.s.container_image,
-            container_mounts=list(self.s.container_mounts),
+            container_image=self.env(spec).container_image,
+            container_mounts=list(self.s.container_mounts) if self.env(spec).container_image
+            else [],
             env_vars=env,
             setup_lines=RENDEZVOUS_SETUP,
             tunnel=self.tunnel(),
             packager=run.Packager(),
         )
 
-    def script(self, task: StageTask):
+    def script(self, spec: StageSpec, task: StageTask):
         import nemo_run as run
 
-        cmd = shlex.join([*self.avr_command(), *task.argv])
+        cmd = shlex.join([*self.avr_command(spec), *task.argv])
         # Outside a container the task runs where the pipeline was started, so relative paths in
         # a recipe mean the same on the cluster as on the login node (shared file system).
         cd = (f"cd {shlex.quote(self.workdir)}\n"
-              if not self.s.container_image and self.s.tunnel == "local" else "")
+              if not self.env(spec).container_image and self.s.tunnel == "local" else "")
         return run.Script(inline=f"{cd}exec {cmd}\n")
 
     def _experiment(self, spec: StageSpec):
@@ -167,17 +176,21 @@ class SlurmStageExecutor:
         ex.job_name = task.name
         ex.experiment_id = f"dryrun-{spec.name}"
         ex.job_dir = os.path.join(scratch, task.name)
-        app = package(task.name, self.script(task), ex, serialize_to_file=False)
+        app = package(task.name, self.script(spec, task), ex, serialize_to_file=False)
         role = app.roles[0]
         req = SlurmBatchRequest(launch_cmd=["sbatch", "--requeue", "--parsable"],
                                 jobs=[task.name],
                                 command_groups=[[" ".join([role.entrypoint, *role.args])]],
                                 executor=ex, max_retries=0, extra_env=dict(role.env))
+        env = self.env(spec)
+        where = (f"container {env.container_image}" if env.container_image
+                 else f"Python {shlex.join(self.avr_command(spec)[:-2])}")
         return (
             f"# stage {spec.name}, task {task.name}: {lay.nodes} node(s) x "
             f"{lay.ntasks_per_node} process(es), {lay.gpus_per_node} GPU(s) per node, "
-            f"profile launch.slurm.{spec.resources}\n"
-            f"# command: {shlex.join([*self.avr_command(), *task.argv])}\n"
+            f"profile launch.slurm.{spec.resources}, {role_of(spec.resources)} environment "
+            f"({where})\n"
+            f"# command: {shlex.join([*self.avr_command(spec), *task.argv])}\n"
             + req.materialize())
 
     def run_stage(self, spec: StageSpec) -> None:
@@ -213,7 +226,8 @@ class SlurmStageExecutor:
         spec.log_dir.mkdir(parents=True, exist_ok=True)
         with self._experiment(spec) as exp:
             for task in tasks:
-                exp.add(self.script(task), executor=self.executor(spec, task), name=task.name)
+                exp.add(self.script(spec, task), executor=self.executor(spec, task),
+                        name=task.name)
             exp.run(detach=True)
             jobs = {job.id: job for job in exp.jobs}
             app_ids = {}

@@ -6,6 +6,8 @@ as plain subprocesses, for environments without NeMo-Run. Both write each task's
 <stage>/logs/<task>.log, run the tasks of a stage in parallel, and raise StageFailed with the
 log tail when one fails. Distributed tasks with more than one rank go through torchrun with
 TP x PP x CP processes (one model replica on this machine; 1 on the CPU recipes).
+Each stage runs with its role's interpreter (pipeline.envs.<role>.python: synthesis, pairs and
+evaluation in the synth environment, training and log-probs in the train environment).
 Each task records the process group it runs in, so an interrupted pipeline (SIGINT/SIGTERM)
 stops them, and a rerun after a hard kill stops leftovers before starting the stage again.
 """
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from avr_megatron.launch.roles import role_of, role_python
 from avr_megatron.pipeline.spec import StageFailed, StageSpec, StageTask
 
 
@@ -31,24 +34,26 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
-def task_command(task: StageTask, nproc: int) -> list[str]:
+def task_command(task: StageTask, nproc: int, python: list[str] | None = None) -> list[str]:
     """The process command line of a task: torchrun for distributed tasks with more than one
-    process, the avr CLI module otherwise (same interpreter as the pipeline)."""
-    avr = [sys.executable, "-m", "avr_megatron.cli.main", *task.argv]
+    process, the avr CLI module otherwise; `python` is the stage's role environment
+    (pipeline.envs.<role>.python, default: the pipeline's own interpreter)."""
+    python = python or [sys.executable]
     if task.distributed and nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        return [*python, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={nproc}", "-m", "avr_megatron.cli.main", *task.argv]
-    return avr
+    return [*python, "-m", "avr_megatron.cli.main", *task.argv]
 
 
-def task_script(task: StageTask, spec: StageSpec, nproc: int, workdir: str) -> str:
+def task_script(task: StageTask, spec: StageSpec, nproc: int, workdir: str,
+                python: list[str] | None = None) -> str:
     """Bash that runs the task in its own process group, logging to <log_dir>/<task>.log and
     leaving its exit code in <task>.rc and its process group in <task>.pid."""
     log = spec.log_dir / f"{task.name}.log"
     rc = spec.log_dir / f"{task.name}.rc"
     pid = spec.log_dir / f"{task.name}.pid"
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in task.env.items())
-    cmd = shlex.join(task_command(task, nproc))
+    cmd = shlex.join(task_command(task, nproc, python))
     return (f"cd {shlex.quote(workdir)}\n"
             f"rm -f {shlex.quote(str(rc))}\n"
             f"setsid env {env} {cmd} > {shlex.quote(str(log))} 2>&1 &\n"
@@ -93,8 +98,16 @@ class _Base:
         return max(1, p.tensor_model_parallel_size * p.pipeline_model_parallel_size
                    * p.context_parallel_size) if task.distributed else 1
 
+    def python(self, spec: StageSpec) -> list[str]:
+        """The interpreter of the stage's role environment (pipeline.envs.<role>.python)."""
+        return role_python(self.cfg, role_of(spec.resources))
+
+    def script(self, task: StageTask, spec: StageSpec) -> str:
+        return task_script(task, spec, self.nproc(task), self.workdir, self.python(spec))
+
     def dryrun(self, spec: StageSpec) -> str:
-        return "\n".join(f"# {spec.name}/{t.name}: {shlex.join(task_command(t, self.nproc(t)))}"
+        return "\n".join(f"# {spec.name}/{t.name} ({role_of(spec.resources)} environment): "
+                         f"{shlex.join(task_command(t, self.nproc(t), self.python(spec)))}"
                          for t in spec.tasks)
 
 
@@ -104,8 +117,8 @@ class InlineExecutor(_Base):
     def run_stage(self, spec: StageSpec) -> None:
         spec.log_dir.mkdir(parents=True, exist_ok=True)
         stop_leftovers(spec.log_dir)
-        procs = [subprocess.Popen(["bash", "-c", task_script(t, spec, self.nproc(t), self.workdir)],
-                                  stdin=subprocess.DEVNULL) for t in spec.tasks]
+        procs = [subprocess.Popen(["bash", "-c", self.script(t, spec)], stdin=subprocess.DEVNULL)
+                 for t in spec.tasks]
         try:
             for p in procs:
                 p.wait()
@@ -131,7 +144,7 @@ class NemoRunLocalExecutor(_Base):
                     enable_goodbye_message=False, skip_status_at_exit=True) as exp:
                 for t in spec.tasks:
                     # The script itself is one process; torchrun (inside it) spawns the ranks.
-                    exp.add(run.Script(inline=task_script(t, spec, self.nproc(t), self.workdir)),
+                    exp.add(run.Script(inline=self.script(t, spec)),
                             executor=run.LocalExecutor(ntasks_per_node=1), name=t.name)
                 exp.run(detach=False, tail_logs=False)
         except BaseException:

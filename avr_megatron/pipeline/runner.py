@@ -3,8 +3,10 @@ that are up to date, recording everything in <run.dir>/pipeline.json."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,7 +14,9 @@ from typing import Any
 
 from avr_megatron.config.errors import ConfigError
 from avr_megatron.config.loader import save_config
+from avr_megatron.config.placeholders import pipeline_placeholders, placeholder_message
 from avr_megatron.config.schema import AvrConfig
+from avr_megatron.launch.roles import role_of, role_python
 from avr_megatron.pipeline.executors import make_executor
 from avr_megatron.pipeline.graph import select
 from avr_megatron.pipeline.local import stop_leftovers
@@ -38,24 +42,74 @@ def stage_spec(plan: StagePlan, shards: int) -> StageSpec:
 
 def ensure_tiny_models(cfg: AvrConfig) -> None:
     """pipeline.make_tiny_models: random tiny policy + reward models for CPU test recipes,
-    made once next to pipeline.base_model (the tiny recipe's ${run.dir}/models)."""
+    made once next to pipeline.base_model (the tiny recipe's ${run.dir}/models). Made by the
+    train environment's Python: the pipeline's own (launch) environment has no torch."""
     base = Path(cfg.pipeline.base_model)
     if base.exists():
         return
+    reward = cfg.synth.reward.model or ""
+    code = ("import sys; from avr_megatron.pipeline.runner import make_tiny_models; "
+            "make_tiny_models(sys.argv[1], sys.argv[2])")
+    proc = subprocess.run([*role_python(cfg, "train"), "-c", code, str(base), reward],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise ConfigError(f"pipeline.make_tiny_models: making tiny models in {base.parent} "
+                          f"failed:\n{proc.stderr[-2000:]}")
+    print(proc.stdout.strip())
+
+
+def make_tiny_models(base_dir: str, reward_dir: str) -> None:
+    """The work of ensure_tiny_models, in the train environment."""
     from avr_megatron.testing.tiny_hf import make_tiny_llama, make_tiny_reward_model, train_tiny_tokenizer
 
+    base = Path(base_dir)
     models = base.parent
     tmp = models / ".tmp-tiny-models"
     shutil.rmtree(tmp, ignore_errors=True)
     tok = train_tiny_tokenizer(tmp / "tokenizer")
     made = {base.name: make_tiny_llama(tmp / base.name, tok)}
-    reward = Path(cfg.synth.reward.model) if cfg.synth.reward.model else None
+    reward = Path(reward_dir) if reward_dir else None
     if reward is not None and reward.parent == models and not reward.exists():
         made[reward.name] = make_tiny_reward_model(tmp / reward.name, tok)
     for name in made:
         (tmp / name).rename(models / name)
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"avr pipeline: made random tiny models {sorted(made)} in {models}")
+
+
+def check_environments(cfg: AvrConfig, plans: list[StagePlan], executor: str) -> None:
+    """Before the first stage: each role's interpreter that runs on this machine (or on a
+    shared file system) holds that role's packages (`python -m avr_megatron.launch.roles`).
+    Containers and interpreters behind an SSH tunnel are not reachable from here."""
+    for role in sorted({role_of(p.stage.resources) for p in plans}):
+        env = getattr(cfg.pipeline.envs, role)
+        if executor == "slurm" and (env.container_image or cfg.launch.slurm.tunnel == "ssh"):
+            continue
+        python = role_python(cfg, role)
+        try:
+            proc = subprocess.run([*python, "-m", "avr_megatron.launch.roles", role],
+                                  capture_output=True, text=True, timeout=300)
+            ok, why = proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+        except OSError as e:
+            ok, why = False, str(e)
+        if not ok:
+            raise ConfigError(
+                f"pipeline.envs.{role}.python={shlex.join(python)} is not a {role} environment "
+                f"({why.splitlines()[-1] if why else 'no output'}); point it at the Python of an "
+                f"environment installed from requirements/{role}.txt\n{why}")
+
+
+def config_fingerprint(plan: StagePlan) -> str:
+    """What decides whether a finished stage is current: its config without where and how it
+    runs (pipeline.envs, pipeline.executor, launch.*), so moving to another environment,
+    executor or partition does not redo finished work."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(OmegaConf.structured(plan.cfg))
+    c.pop("launch", None)
+    c["pipeline"].pop("envs", None)
+    c["pipeline"].pop("executor", None)
+    return text_fingerprint(OmegaConf.to_yaml(c))
 
 
 def _check_models(cfg: AvrConfig) -> None:
@@ -85,12 +139,18 @@ def run_pipeline(cfg: AvrConfig, *, start: str | None = None, stop: str | None =
         ex = make_executor(name, cfg)
     except KeyError as e:
         raise ConfigError(f"--executor / pipeline.executor: {e.args[0]}") from None
+    found = pipeline_placeholders(cfg, name)
+    if found and not dryrun:
+        raise ConfigError(placeholder_message(found))
     if dryrun:
+        for item in found:
+            print(f"WARNING: placeholder {item}: edit it before running", file=out)
         for plan in plans:
             save_config(plan.cfg, plan.config_path)  # so the printed config paths can be read
             print(f"## stage {plan.stage.name}: {plan.stage.what}  (config {plan.config_path})", file=out)
             print(ex.dryrun(stage_spec(plan, cfg.pipeline.synth_shards)), file=out)
         return 0
+    check_environments(cfg, plans, name)
     _check_models(cfg)
     manifest = Manifest(root / "pipeline.json")
     old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -111,7 +171,7 @@ def _run_one(plan: StagePlan, ex: Any, manifest: Manifest, root: Path, cfg: AvrC
              counter: str, out, force: bool = False) -> int:
     name = plan.stage.name
     save_config(plan.cfg, plan.config_path)
-    config_fp = text_fingerprint(plan.config_path.read_text())
+    config_fp = config_fingerprint(plan)
     inputs = {str(p): fingerprint(p) for p in plan.inputs}
     current, reason = manifest.is_current(name, config_fp, inputs, list(plan.outputs))
     if force:

@@ -6,7 +6,12 @@
 # Inputs (environment; the wrapper script sets AVR_RECIPE):
 #   AVR_RECIPE     recipe YAML (the wrapper's default; override: AVR_RECIPE=... sbatch ...)
 #   STAGE          smoke | sft | dpo | logps  (default sft), or AVR_CMD="synth stage1" etc.
-#   AVR_PYTHON     Python with avr_megatron installed (default: python3)
+#   AVR_PYTHON     Python with avr_megatron installed, the train environment (default: the
+#                  repository's .venv/bin/python; an error naming AVR_PYTHON when there is none)
+#   AVR_CONTAINER_IMAGE  run the processes in this container (pyxis: srun --container-image),
+#                  with AVR_CONTAINER_MOUNTS (srun --container-mounts) and AVR_CONTAINER_PYTHON
+#                  (default python); AVR_PYTHON then only reads the recipe on the batch host
+#                  (the launch environment suffices)
 #   AVR_LOG_DIR    per-stage logs (default: <run.dir>/logs)
 #   AVR_MAX_REQUEUES  requeues after a checkpoint-and-stop before giving up (default 20)
 #   DRYRUN=1       print the plan (resources, parallel layout, commands) and exit
@@ -45,12 +50,38 @@ avr_sbatch_opt() {
   sed -n "s/^#SBATCH --$2[= ]\([^ ]*\).*/\1/p" "$1" | tail -n 1
 }
 
+# The Python that reads the recipe (and, without a container, runs the processes): AVR_PYTHON,
+# else the repository's .venv. Checked before anything else runs, so a missing environment is
+# reported as such (not as a traceback followed by a wrong diagnosis).
+avr_python() {
+  local py=() what
+  if [[ -n ${AVR_PYTHON:-} ]]; then
+    read -r -a py <<<"$AVR_PYTHON"  # may carry words: "env X=1 /venv/bin/python"
+    what="AVR_PYTHON=$AVR_PYTHON"
+  elif [[ -x $AVR_HOME/.venv/bin/python ]]; then
+    py=("$AVR_HOME/.venv/bin/python")
+    what="the repository's environment $AVR_HOME/.venv"
+  else
+    avr_die "no Python environment: $AVR_HOME/.venv does not exist and AVR_PYTHON is not set." \
+      "Create .venv from requirements/train.txt (README: On a cluster) or set AVR_PYTHON to the" \
+      "Python that has avr_megatron installed${AVR_CONTAINER_IMAGE:+ (with AVR_CONTAINER_IMAGE the launch environment suffices)}"
+  fi
+  local err
+  if ! err=$("${py[@]}" -c 'import avr_megatron.launch.plan' 2>&1); then
+    avr_die "$what cannot import avr_megatron (${err##*$'\n'}): set AVR_PYTHON to the Python" \
+      "of an environment with avr_megatron and its requirements installed (requirements/train.txt," \
+      "then pip install --no-deps -e .)"
+  fi
+  AVR_PY=("${py[@]}")
+}
+
 # avr_main SCRIPT [key=value ...]
 avr_main() {
   local script=$1; shift
-  local py=()
-  read -r -a py <<<"${AVR_PYTHON:-python3}"  # may carry words: "env X=1 /venv/bin/python"
   [[ -n ${AVR_RECIPE:-} ]] || avr_die "AVR_RECIPE is not set"
+  local AVR_PY=() py=()
+  avr_python
+  py=("${AVR_PY[@]}")
   [[ -f $AVR_RECIPE ]] || avr_die "recipe $AVR_RECIPE not found (run from the repository root or set AVR_RECIPE to an absolute path)"
   local words cmd=() overrides=("$@")
   words=$(avr_stage_command)
@@ -68,13 +99,22 @@ avr_main() {
   local ntasks=${SLURM_NTASKS:-$(( nodes * per_node ))}
 
   # The recipe's parallel layout for this world size (also checks it divides), and run.dir.
-  local plan
+  local plan dry=()
+  [[ ${DRYRUN:-0} == 1 ]] && dry=(--dryrun)
   plan=$("${py[@]}" -m avr_megatron.launch.plan --recipe "$AVR_RECIPE" --world-size "$ntasks" \
-         "${overrides[@]}") || avr_die "the recipe does not fit this job (see above)"
+         --command "$words" "${dry[@]}" "${overrides[@]}") \
+    || avr_die "the recipe is not ready for this job (see the message above: the key named)"
   local run_dir
   run_dir=$(sed -n 's/^run.dir: //p' <<<"$plan")
   local log_dir=${AVR_LOG_DIR:-$run_dir/logs}
-  local avr=("${py[@]}" -m avr_megatron.cli.main "${cmd[@]}" --recipe "$AVR_RECIPE" "${overrides[@]}")
+  # In a container the processes use its Python (pyxis/enroot flags go to srun).
+  local container=() task_py=("${py[@]}")
+  if [[ -n ${AVR_CONTAINER_IMAGE:-} ]]; then
+    container=(--container-image="$AVR_CONTAINER_IMAGE" --container-workdir="$AVR_HOME")
+    [[ -n ${AVR_CONTAINER_MOUNTS:-} ]] && container+=(--container-mounts="$AVR_CONTAINER_MOUNTS")
+    read -r -a task_py <<<"${AVR_CONTAINER_PYTHON:-python}"
+  fi
+  local avr=("${task_py[@]}" -m avr_megatron.cli.main "${cmd[@]}" --recipe "$AVR_RECIPE" "${overrides[@]}")
 
   if [[ ${DRYRUN:-0} == 1 ]]; then
     echo "stage:     $stage (avr $words)"
@@ -83,7 +123,8 @@ avr_main() {
     echo "sbatch:    $(grep '^#SBATCH' "$script" | sed 's/^#SBATCH //' | tr '\n' ' ')"
     echo "$plan"
     echo "logs:      $log_dir/$stage.<jobid>.rank<N>.log"
-    echo "command:   srun --kill-on-bad-exit=1 $(printf '%q ' "${avr[@]}")"
+    echo "python:    $(printf '%q ' "${py[@]}")(reads the recipe${AVR_CONTAINER_IMAGE:+; the processes run in container $AVR_CONTAINER_IMAGE})"
+    echo "command:   srun --kill-on-bad-exit=1 $(printf '%q ' "${container[@]}" "${avr[@]}")"
     return 0
   fi
 
@@ -114,7 +155,7 @@ avr_main() {
   # failed first, and how (see below).
   local srun_log=$log_dir/$stage.$SLURM_JOB_ID.r${SLURM_RESTART_COUNT:-0}.srun.log
   (trap '' USR1; exec srun --kill-on-bad-exit=1 --open-mode=append \
-       --output="$log_dir/$stage.$SLURM_JOB_ID.rank%t.log" "${avr[@]}" \
+       --output="$log_dir/$stage.$SLURM_JOB_ID.rank%t.log" "${container[@]}" "${avr[@]}" \
        2> >(tee -a "$srun_log" >&2)) &
   srun_pid=$!
   # `wait` returns early when a trapped signal arrives: keep waiting for srun itself.

@@ -40,7 +40,8 @@ def test_bad_value_names_key(overrides, message):
 GOOD = [
     ["eval.rounds=0", "pipeline.synth_shards=1", "pipeline.executor=local"],
     ["launch.slurm.train.time=2-00:00:00", "launch.slurm.tunnel=ssh", "launch.slurm.ssh_host=login",
-     "launch.slurm.job_dir=/scratch/avr"],
+     "launch.slurm.job_dir=/scratch/avr", "pipeline.envs.synth.container_image=/img/synth.sqsh",
+     "pipeline.envs.train.python=/shared/venvs/train/bin/python"],
     ["launch.slurm.train.time='100:00:00'", "launch.slurm.synth.time='30:00'",
      "launch.slurm.cpu.time='1-12'"],
     # The world-size checks apply only when the pipeline runs on Slurm.

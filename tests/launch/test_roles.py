@@ -84,3 +84,49 @@ def test_role_status_of_this_interpreter():
     assert train["usable"] and not train["complete"]
     assert [m.split("[")[0] for m in train["missing"]] == ["transformer-engine"]
     assert train["missing"][0].endswith(" (GPU only)")
+
+
+# Imports of packages requirements/launch.txt does not pin: `avr pipeline` must not need them.
+NOT_IN_LAUNCH = {"torch": "torch", "megatron": "megatron-core",
+                 "transformer_engine": "transformer-engine", "vllm": "vllm",
+                 "transformers": "transformers", "datasets": "datasets", "pyarrow": "pyarrow",
+                 "numpy": "numpy", "tokenizers": "tokenizers", "safetensors": "safetensors",
+                 "matplotlib": "matplotlib", "tensorboard": "tensorboard", "triton": "triton"}
+
+
+def test_blocked_modules_are_really_absent_from_the_launch_lock():
+    pins = roles.read_lock(ROOT / "requirements" / "launch.txt")
+    assert not set(NOT_IN_LAUNCH.values()) & set(pins)
+_BLOCKED_MAIN = """
+import sys
+from avr_megatron.testing.import_block import block
+block(*sys.argv[1].split(","))
+sys.argv = ["avr", *sys.argv[2:]]
+from avr_megatron.cli.main import main
+sys.exit(main())
+"""
+
+
+def _avr_without(blocked, *args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _BLOCKED_MAIN, ",".join(blocked), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_pipeline_and_info_run_in_the_launch_role(tmp_path):
+    """The launch environment has nemo-run and no torch / HF / data packages: `avr pipeline`
+    (list, Slurm dry run) and `avr info` work there."""
+    r = _avr_without(NOT_IN_LAUNCH, "pipeline", "--recipe", "recipes/llama3_8b.yaml", "--dryrun",
+                     "--executor", "slurm", f"run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "## stage lcdpo" in r.stdout and "#SBATCH --nodes=1" in r.stdout
+    r = _avr_without(NOT_IN_LAUNCH, "pipeline", "--recipe", "recipes/tiny.yaml", "--list")
+    assert r.returncode == 0 and "stage2_thoughts" in r.stdout, r.stderr[-3000:]
+    r = _avr_without(NOT_IN_LAUNCH, "info")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "torch is not installed: not a training environment" in r.stdout
+    assert "launch               complete" in r.stdout

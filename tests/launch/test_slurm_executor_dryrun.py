@@ -53,12 +53,30 @@ def test_synthesis_shards_are_separate_single_process_jobs(tmp_path):
 
 
 def test_container_flags_go_to_srun(tmp_path):
-    cfg = _cfg(tmp_path, "launch.slurm.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
+    cfg = _cfg(tmp_path, "pipeline.envs.train.container_image=/images/avr-train.sqsh",
                "launch.slurm.container_mounts=[/lustre:/lustre]", "launch.slurm.signal_seconds=0")
     text = make_executor(cfg).dryrun(_stage(tmp_path))
-    assert "--container-image nvcr.io/nvidia/pytorch:25.01-py3" in text
+    assert "--container-image /images/avr-train.sqsh" in text
     assert "/lustre:/lustre" in text and "--signal" not in text
     assert "# command: avr train sft" in text  # the container's `avr`
+    assert "train environment (container /images/avr-train.sqsh)" in text
+
+
+def test_each_role_runs_in_its_own_environment(tmp_path):
+    """pipeline.envs: synthesis in the vLLM image, training in the NGC image; a role without an
+    image runs its own Python (here: only synth has an image, train a venv on shared storage)."""
+    cfg = _cfg(tmp_path, "pipeline.envs.synth.container_image=/images/avr-synth.sqsh",
+               "pipeline.envs.train.python=/shared/venvs/train/bin/python",
+               "launch.slurm.container_mounts=[/lustre:/lustre]")
+    ex = make_executor(cfg)
+    synth = ex.dryrun(_stage(tmp_path, "synth", distributed=False))
+    train = ex.dryrun(_stage(tmp_path))
+    pairs = ex.dryrun(_stage(tmp_path, "cpu", distributed=False))
+    assert "--container-image /images/avr-synth.sqsh" in synth and "/lustre:/lustre" in synth
+    assert "# command: avr train sft" in synth
+    assert "--container-image" not in train and "/lustre:/lustre" not in train
+    assert "# command: /shared/venvs/train/bin/python -m avr_megatron.cli.main train" in train
+    assert "--container-image /images/avr-synth.sqsh" in pairs  # pair building: synth env
 
 
 def test_cpu_profile_and_ntasks(tmp_path):
@@ -84,10 +102,15 @@ def test_cpu_profile_and_ntasks(tmp_path):
     (["launch.slurm.train.gpus_per_node=-1"], "launch.slurm.train.gpus_per_node=-1"),
     (["launch.slurm.train.ntasks_per_node=0"], "launch.slurm.train.ntasks_per_node=0"),
     (["launch.slurm.signal_seconds=-5"], "launch.slurm.signal_seconds=-5"),
-    (["launch.slurm.container_mounts=[/data]", "launch.slurm.container_image=img"],
+    (["launch.slurm.container_mounts=[/data]", "pipeline.envs.train.container_image=img"],
      "launch.slurm.container_mounts[0]='/data' must be SRC:DST"),
-    (["launch.slurm.container_mounts=[/a:/a]"], "launch.slurm.container_mounts need "
-     "launch.slurm.container_image"),
+    (["launch.slurm.container_mounts=[/a:/a]"], "launch.slurm.container_mounts need a container "
+     "image (pipeline.envs.synth/train.container_image)"),
+    (["launch.slurm.tunnel=ssh", "launch.slurm.ssh_host=login", "launch.slurm.job_dir=/j",
+      "pipeline.envs.synth.container_image=/s.sqsh"],
+     "launch.slurm.tunnel=ssh needs pipeline.envs.train.container_image or "
+     "pipeline.envs.train.python"),
+    (["pipeline.envs.synth.python=''"], "pipeline.envs.synth.python is empty"),
 ])
 def test_bad_launch_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

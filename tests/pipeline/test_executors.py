@@ -1,6 +1,7 @@
 """The local executors run a stage's tasks and surface a failing task's error."""
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +15,10 @@ class _Cfg:
 
     class parallel:
         tensor_model_parallel_size = pipeline_model_parallel_size = context_parallel_size = 1
+
+    class pipeline:
+        class envs:
+            synth = train = SimpleNamespace(python=None, container_image=None)
 
 
 @pytest.mark.parametrize("name", ["inline", "local"])

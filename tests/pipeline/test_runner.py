@@ -23,6 +23,9 @@ class FakeExecutor:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    def dryrun(self, spec):
+        return f"# {spec.name}: would run"
+
     def run_stage(self, spec):
         CALLS.append(spec.name)
         if FAIL:
@@ -89,3 +92,37 @@ def test_missing_base_model_stops_before_any_stage(run, tmp_path):
     with pytest.raises(ConfigError, match="pipeline.base_model=.*not found"):
         go(f"pipeline.base_model={tmp_path / 'nowhere'}")
     assert CALLS == []
+
+
+def test_where_a_stage_runs_is_not_part_of_its_fingerprint(run):
+    """Moving to another environment, executor or partition does not redo finished work."""
+    go, root = run
+    assert go()[0] == 0
+    code, out, _ = go("pipeline.envs.synth.container_image=/images/synth.sqsh",
+                      "launch.slurm.cpu.time='2:00:00'")
+    assert code == 0 and CALLS == [STAGE] and "up to date, skipped" in out
+
+
+def test_environment_without_the_role_packages_is_named(run, tmp_path):
+    """Each role's interpreter is asked for its packages before the first stage: a Python
+    without them stops the run naming pipeline.envs.<role>.python."""
+    go, root = run
+    with pytest.raises(ConfigError) as e:
+        go("pipeline.envs.synth.python=/bin/false")
+    assert "pipeline.envs.synth.python=/bin/false is not a synth environment" in str(e.value)
+    assert "requirements/synth.txt" in str(e.value) and CALLS == []
+
+
+def test_placeholders_refused_before_any_stage_and_listed_by_a_dry_run(run):
+    go, root = run
+    with pytest.raises(ConfigError, match=r"placeholder values .*synth\.input\.path=/path/to/x"):
+        go("synth.input.path=/path/to/x.jsonl", "launch.slurm.account=YOUR_ACCOUNT")
+    assert CALLS == []
+    # launch.* placeholders only matter to the slurm executor
+    cfg = load_config(TINY, [f"run.dir={root}", f"pipeline.base_model={root / 'base'}",
+                             "launch.slurm.account=YOUR_ACCOUNT", "eval.prompts=/path/to/e.jsonl"])
+    out = io.StringIO()
+    assert runner.run_pipeline(cfg, only=STAGE, executor="fake", dryrun=True, out=out) == 0
+    text = out.getvalue()
+    assert "WARNING: placeholder eval.prompts=/path/to/e.jsonl" in text
+    assert "YOUR_ACCOUNT" not in text and "## stage stage1_pairs_base" in text

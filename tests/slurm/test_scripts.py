@@ -99,3 +99,70 @@ def test_dryrun_with_its_own_recipe(script, recipe, nodes, tmp_path):
     assert f"{nodes} node(s) x 8 task(s) per node = {nodes * 8} processes" in r.stdout
     assert f"recipe:    recipes/{recipe}.yaml" in r.stdout
     assert "layout: world=" in r.stdout and " TP=" in r.stdout and " DP=" in r.stdout
+
+
+def _fresh_clone(tmp_path) -> Path:
+    """A clean clone of this checkout (committed files only; scripts copied from the working tree
+    so uncommitted edits are what is tested)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    for p in SCRIPTS + [REPO / "recipes" / "llama3_base.yaml"]:
+        shutil.copy(p, clone / p.relative_to(REPO))
+    return clone
+
+
+def _bare_env(**env):
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith(("AVR_", "SLURM_")) and k not in ("STAGE", "DRYRUN")}
+    return {**full, "PYTHONWARNINGS": "ignore", **env}
+
+
+def test_fresh_clone_without_an_environment_names_avr_python(tmp_path):
+    clone = _fresh_clone(tmp_path)
+    r = subprocess.run(["bash", "slurm/avr_8b.sh"], cwd=clone, env=_bare_env(DRYRUN="1"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"no Python environment: {clone}/.venv does not exist and AVR_PYTHON is not set" \
+        in r.stderr
+    r = subprocess.run(["bash", "slurm/avr_8b.sh"], cwd=clone, capture_output=True, text=True,
+                       env=_bare_env(DRYRUN="1", AVR_PYTHON="/bin/false"), timeout=120)
+    assert r.returncode == 2 and "AVR_PYTHON=/bin/false cannot import avr_megatron" in r.stderr
+
+
+@pytest.mark.parametrize("script,nodes", [("avr_8b.sh", 1), ("avr_70b.sh", 8)])
+def test_fresh_clone_dryrun_uses_the_repository_environment(script, nodes, tmp_path):
+    """No variables set: the repository's .venv reads the recipe; the plan is printed."""
+    clone = _fresh_clone(tmp_path)
+    (clone / ".venv").symlink_to(Path(sys.prefix))  # stands in for the env the README makes
+    r = subprocess.run(["bash", f"slurm/{script}", f"run.dir={tmp_path}/run"], cwd=clone,
+                       env=_bare_env(DRYRUN="1"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"{nodes} node(s) x 8 task(s) per node" in r.stdout
+    assert f"python:    {clone}/.venv/bin/python (reads the recipe)" in r.stdout
+    assert f"command:   srun --kill-on-bad-exit=1 {clone}/.venv/bin/python -m " in r.stdout
+
+
+def test_placeholders_refused_naming_the_key_and_warned_in_a_dry_run(tmp_path):
+    """AVR_CMD="synth stage1" reads synth.*: the recipe's /path/to placeholders there stop the
+    job before srun (outside a job the plan is still checked first); a dry run warns."""
+    env = dict(AVR_PYTHON=f"env PYTHONPATH={REPO} {sys.executable}", AVR_CMD="synth stage1")
+    r = subprocess.run(["bash", "slurm/avr_8b.sh", f"run.dir={tmp_path}"], cwd=REPO,
+                       env=_bare_env(**env), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "placeholder values" in r.stderr and "synth.reward.model=/path/to/reward-model" \
+        in r.stderr and "not inside a Slurm job" not in r.stderr
+    r = subprocess.run(["bash", "slurm/avr_8b.sh", f"run.dir={tmp_path}"], cwd=REPO,
+                       env=_bare_env(DRYRUN="1", **env), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "WARNING: placeholder synth.input.path=/path/to/prompts.jsonl" in r.stderr
+    assert "stage:     synth_stage1 (avr synth stage1)" in r.stdout
+
+
+def test_container_dryrun(tmp_path):
+    r = _dryrun("avr_8b.sh", None, f"run.dir={tmp_path}", AVR_CONTAINER_IMAGE="/img/train.sqsh",
+                AVR_CONTAINER_MOUNTS="/lustre:/lustre")
+    assert r.returncode == 0, r.stderr
+    assert (f"srun --kill-on-bad-exit=1 --container-image=/img/train.sqsh --container-workdir="
+            f"{REPO} --container-mounts=/lustre:/lustre python -m avr_megatron.cli.main train sft"
+            in r.stdout)
