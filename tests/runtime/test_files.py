@@ -45,3 +45,22 @@ def test_recycled_pid_is_stale(tmp_path):
     tmp.write_text("partial")
     os.utime(tmp, (1, 1))  # written in 1970, long before our parent started
     assert [p.name for p in files.remove_stale(tmp_path, files.STALE_FILE)] == [tmp.name]
+
+
+def test_write_permission_errors_are_storage_problems_reads_are_not(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", args[0])
+
+    monkeypatch.setattr(files.os, "open", denied)
+    with pytest.raises(PermissionError) as e:
+        files.atomic_write_text(tmp_path / "config.yaml", "x")
+    monkeypatch.undo()
+    assert e.value.filename == str(tmp_path / "config.yaml")  # the file, not our temporary
+    err = files.storage_error(e.value.filename, e.value, kept="k", probe=False)
+    assert str(err).startswith(f"cannot write {tmp_path / 'config.yaml'}: the directory is not writable")
+    read = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "data.jsonl"))
+    assert files.storage_error(read.filename, read, kept="k", probe=False) is None
