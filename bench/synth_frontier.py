@@ -25,24 +25,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _machines(records, provenance, templates, k, m):
+def stage1_machines(records, provenance, templates, k, m):
     from avr_megatron.method.stage1 import Stage1TreeBuilder
 
     return [Stage1TreeBuilder(r.prompt_id, r.x, r.y0, k=k, m=m, provenance=provenance, templates=templates,
                               max_rating_tries=1) for r in records]
 
 
-def _sequential(machines, generate, score) -> int:
+def drive_alone(machine, generate, score) -> int:
+    """One machine to completion, one request per engine call; returns the calls made."""
     from avr_megatron.method.requests import GenerateRequest
 
     calls = 0
-    for machine in machines:
-        while not machine.done:
-            request = machine.pending()[0]
-            result = generate([request])[0] if isinstance(request, GenerateRequest) else score([request])[0]
-            machine.feed({request.key: result})
-            calls += 1
+    while not machine.done:
+        request = machine.pending()[0]
+        result = generate([request])[0] if isinstance(request, GenerateRequest) else score([request])[0]
+        machine.feed({request.key: result})
+        calls += 1
     return calls
+
+
+def _sequential(machines, generate, score) -> int:
+    return sum(drive_alone(machine, generate, score) for machine in machines)
 
 
 def main() -> None:
@@ -91,7 +95,7 @@ def main() -> None:
             def generate(requests, _c=counter):
                 return _c(requests, [list(t) for t in chat.generate(requests)])
 
-            machines = _machines(records, provenance, templates, args.k, args.m)
+            machines = stage1_machines(records, provenance, templates, args.k, args.m)
             before = dict(chat.stats)
             start = time.perf_counter()
             if mode == "frontier":

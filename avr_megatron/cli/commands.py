@@ -43,6 +43,9 @@ COMMANDS: list[Command] = [
             "avr_megatron.synth.cli:synth_stage2", "avr_megatron.synth.cli:add_shard_argument"),
     Command(("synth", "thoughts"), "sample long thoughts from the thought-SFT model and score their final answers",
             "avr_megatron.synth.cli:synth_thoughts", "avr_megatron.synth.cli:add_shard_argument"),
+    Command(("synth", "serve"), "start vLLM's OpenAI-compatible server for synth.policy or synth.reward with the "
+            "recipe's engine settings (for backend=server)",
+            "avr_megatron.engines.serve:run", "avr_megatron.engines.serve:add_arguments"),
     Command(("pairs", "stage1"), "RSFT conversations and the three preference pair types from stage-1 trees",
             "avr_megatron.synth.cli:pairs_stage1"),
     Command(("pairs", "stage2"), "long-thought SFT examples and best-vs-worst thought pairs from stage-2 output",

