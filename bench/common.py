@@ -38,10 +38,9 @@ def _fmt(v) -> str:
 
 
 def write(name: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_name(f"{name}.json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, "machine": machine(), **result}, indent=2))
-    os.replace(tmp, path)
+    from avr_megatron.runtime.files import atomic_write_text
+
+    path = atomic_write_text(RESULTS / f"{name}.json", json.dumps(
+        {"benchmark": name, "machine": machine(), **result}, indent=2))
     print(f"wrote {path}")
     return path

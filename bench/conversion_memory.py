@@ -168,10 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint: {hf_bytes / 1e9:.2f} GB (HF safetensors), {ckpt_bytes / 1e9:.2f} GB "
           f"(torch_dist); round trip bit-identical over {n} tensors")
     out = REPO / "bench" / "results" / "conversion_memory.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    from avr_megatron.runtime.files import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(REPO)}")
     ok = max(to_mcore, to_hf) / hf_bytes < 0.5
     return 0 if ok else 1

@@ -43,6 +43,7 @@ import numpy as np
 from avr_megatron.config import load_config
 from avr_megatron.data.batches import collate
 from avr_megatron.data.dataset import load_training_data
+from avr_megatron.runtime.files import atomic_file
 from avr_megatron.data.sampler import StepSampler
 t_import = time.time()
 cfg = load_config(None, json.loads(sys.argv[1]))
@@ -105,8 +106,7 @@ def write_pairs(path: Path, n: int, seed: int = 0, pool: int = 3000) -> Path:
     prompts = [_text(rng, words, 107) for _ in range(pool)]
     chosen = [_text(rng, words, 353) for _ in range(pool)]
     rejected = [_text(rng, words, 328) for _ in range(pool)]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_file(path, sync=False) as tmp, open(tmp, "w") as f:
         for i in range(n):
             prompt = [{"role": "system", "content": "You are a helpful assistant."},
                       {"role": "user", "content": rng.choice(prompts)}]
@@ -115,7 +115,6 @@ def write_pairs(path: Path, n: int, seed: int = 0, pool: int = 3000) -> Path:
                 "chosen": [{"role": "assistant", "content": rng.choice(chosen)}],
                 "rejected": [{"role": "assistant", "content": rng.choice(rejected)}],
                 "reward_gap": round(rng.uniform(0.1, 2.0), 4)}) + "\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -548,10 +548,9 @@ def run_checks(cpu: bool, out: Path, only: list[str] | None) -> int:
 
 
 def _write(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    from avr_megatron.runtime.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report, indent=2, default=str))
 
 
 def main(argv=None) -> int:

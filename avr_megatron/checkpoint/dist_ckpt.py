@@ -31,7 +31,8 @@ import torch.distributed as dist
 from avr_megatron.checkpoint import safe_load
 from avr_megatron.config import AvrConfig, save_config
 from avr_megatron.models.llama import unwrap
-from avr_megatron.runtime.files import describe_error
+from avr_megatron.runtime.files import (STALE_FILE, atomic_write_text, describe_error, publish_dir,
+                                        remove_stale)
 
 log = logging.getLogger(__name__)
 FORMAT = "avr-megatron/dist-ckpt/1"
@@ -175,9 +176,7 @@ def checkpoint_meta(iteration: int, cfg: AvrConfig, *, has_optimizer: bool, num_
 
 def write_latest(root: str | os.PathLike, name: str) -> None:
     """Point `<root>/latest` at checkpoint directory `name` (atomic replace)."""
-    pointer = Path(root) / ".latest.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, Path(root) / "latest")
+    atomic_write_text(Path(root) / "latest", name)
 
 
 def read_config(path: str | os.PathLike) -> AvrConfig:
@@ -218,6 +217,7 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
         # Partial saves of killed runs (one trainer writes a checkpoint root at a time).
         for stale in root.glob(".iter_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+        remove_stale(root, STALE_FILE)  # a `latest` pointer being written when killed
         tmp.mkdir()
     _barrier()
     sharded = _model_sharded_state_dict(chunks)
@@ -241,10 +241,10 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list[torch.
         save_config(cfg, tmp / CONFIG_FILE)
         if hf_assets_from is not None:
             shutil.copytree(hf_assets_from, tmp / HF_ASSETS_DIR)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
         if final.exists():  # a re-save of the same iteration replaces it
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
         write_latest(root, final.name)
         if keep_last:
             _prune(root, keep_last)

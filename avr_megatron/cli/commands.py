@@ -55,7 +55,7 @@ COMMANDS: list[Command] = [
             "avr_megatron.evaluation.cli:run"),
     Command(("pipeline",), "the whole AvR pipeline: synthesis, RSFT, DPO, long-thought SFT, "
             "length-controlled DPO and evaluation, resumable stage by stage",
-            "avr_megatron.pipeline.cli:run", "avr_megatron.pipeline.cli:add_arguments"),
+            "avr_megatron.cli.pipeline:run", "avr_megatron.cli.pipeline:add_arguments"),
     Command(("convert", "hf-to-mcore"),
             "convert a Hugging Face Llama directory into a Megatron dist checkpoint",
             "avr_megatron.cli.convert:run_hf_to_mcore",

@@ -49,6 +49,10 @@ def _load(cmd: Command, args: argparse.Namespace):
 
     cfg = load_config(args.recipe, args.overrides)
     if cmd.saves_config and _is_rank0():
+        from avr_megatron.runtime.files import STALE_FILE, remove_stale
+
+        # Temporaries of a killed run (config, summaries, metrics): their writer is gone.
+        remove_stale(cfg.run.dir, STALE_FILE)
         save_config(cfg, Path(cfg.run.dir) / "config.yaml")
     return cfg
 

@@ -74,7 +74,7 @@ def run(args, cfg) -> int:
         print(f"avr prepare: data.{r['split']} ({r['kind']}): {r['used']} of {r['records']} "
               f"records used (dropped: {dropped}; truncated {r['truncated']}), {r['tokens']} "
               f"tokens in {r['bins']} bins, {r['seconds']} s -> {r['prepared']}")
-    out = Path(cfg.run.dir) / "prepare_summary.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    from avr_megatron.runtime.files import atomic_write_text
+
+    atomic_write_text(Path(cfg.run.dir) / "prepare_summary.json", json.dumps(rows, indent=2))
     return 0

@@ -167,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.output} is out of date: run `{COMMAND}`", file=sys.stderr)
             status = 1
         return status
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(f".{args.output.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.output)
+    from avr_megatron.runtime.files import atomic_write_text
+
+    atomic_write_text(args.output, text)
     print(f"wrote {args.output}")
     return status
 

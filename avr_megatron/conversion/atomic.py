@@ -43,7 +43,7 @@ def atomic_output(out: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         check_target(out)
-        os.rename(tmp, out)
+        files.publish_dir(tmp, out)
     except BaseException as e:
         # Disk full / read-only: diagnosed before the partial output is removed (freeing space).
         error = files.storage_error(
@@ -54,8 +54,3 @@ def atomic_output(out: str | os.PathLike) -> Iterator[Path]:
         if error is not None:
             raise error from e
         raise
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -279,9 +279,7 @@ def _build(root: Path, name: str, key: dict, settings: Settings, files: list[Pat
                   for b in json.loads(plan_file.read_text())]
     else:
         blocks = split_blocks(files)
-        tmp = build_dir / ".blocks.json.tmp"
-        tmp.write_text(json.dumps([asdict(b) for b in blocks]))
-        os.replace(tmp, plan_file)
+        runtime_files.atomic_write_text(plan_file, json.dumps([asdict(b) for b in blocks]))
     done_file = build_dir / "done.jsonl"  # results of finished blocks, one JSON line each
     done: dict[int, fmt.BlockResult] = {}
     if done_file.is_file():
@@ -331,7 +329,7 @@ def _build(root: Path, name: str, key: dict, settings: Settings, files: list[Pat
          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     final = root / name
     try:
-        os.rename(publish, final)
+        runtime_files.publish_dir(publish, final)
     except OSError:
         if fmt.read_meta(final) is None:
             raise

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -182,9 +181,7 @@ def merge_blocks(out: Path, kind: str, blocks: Sequence[tuple[Path, int]],
     meta = {**meta, "format": FORMAT, "kind": kind, "units": int(len(lengths)),
             "summary": summary.as_dict(), "examples_fingerprint": h.hexdigest()[:16],
             "max_token": max_token if max_token >= 0 else None}
-    tmp = out / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / META)
+    runtime_files.atomic_write_text(out / META, json.dumps(meta, indent=2))
     return meta
 
 

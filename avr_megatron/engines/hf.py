@@ -37,10 +37,10 @@ def _torch_dtype(name: str):
 
 
 def _device(name: str) -> str:
-    import torch
-
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from avr_megatron.runtime.device import device
+
+        return str(device())
     return name
 
 

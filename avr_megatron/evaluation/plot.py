@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from avr_megatron.synth.store import atomic_write_bytes
+from avr_megatron.runtime.files import atomic_write_bytes
 
 
 def _errors(stats: Sequence[Mapping[str, Any]], scale: float = 1.0) -> list[list[float]]:

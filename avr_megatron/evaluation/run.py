@@ -29,7 +29,8 @@ from avr_megatron.method.prompts import PromptTemplates
 from avr_megatron.method.requests import (GenerateRequest, SamplingParams, ScoreRequest, check_result,
                                           make_key)
 from avr_megatron.synth.inputs import LoadedInput, PromptRecord, load_prompts
-from avr_megatron.synth.store import atomic_write_bytes, atomic_write_json, fingerprint_digest
+from avr_megatron.runtime.files import atomic_write_bytes, atomic_write_json
+from avr_megatron.synth.store import fingerprint_digest
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ def transformer_engine_status() -> tuple[bool, str]:
         spec = None
     if spec is None:
         return False, "transformer_engine is not installed (the train role: requirements/train.txt)"
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return False, "no CUDA device"
     try:
         import transformer_engine.pytorch  # noqa: F401

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from avr_megatron.synth.store import atomic_write_json
+from avr_megatron.runtime.files import atomic_write_json
 
 
 def fingerprint(path: Path) -> str | None:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from avr_megatron.config.errors import ConfigError
 from avr_megatron.config.loader import save_config
@@ -26,6 +26,10 @@ from avr_megatron.pipeline.stage_configs import StagePlan, plan_stages
 from avr_megatron.pipeline.summaries import stage_summary
 
 
+# Makes the models a recipe asks the pipeline to make (pipeline.make_tiny_models).
+ModelHook = Callable[[AvrConfig], None]
+
+
 class Interrupted(Exception):
     """SIGTERM / SIGINT reached the pipeline: the running stage is stopped and recorded."""
 
@@ -38,43 +42,6 @@ def stage_spec(plan: StagePlan, shards: int) -> StageSpec:
     else:
         tasks = (StageTask("main", argv, distributed=plan.stage.distributed),)
     return StageSpec(plan.stage.name, tasks, plan.stage.resources, plan.dir / "logs")
-
-
-def ensure_tiny_models(cfg: AvrConfig) -> None:
-    """pipeline.make_tiny_models: random tiny policy + reward models for CPU test recipes,
-    made once next to pipeline.base_model (the tiny recipe's ${run.dir}/models). Made by the
-    train environment's Python: the pipeline's own (launch) environment has no torch."""
-    base = Path(cfg.pipeline.base_model)
-    if base.exists():
-        return
-    reward = cfg.synth.reward.model or ""
-    code = ("import sys; from avr_megatron.pipeline.runner import make_tiny_models; "
-            "make_tiny_models(sys.argv[1], sys.argv[2])")
-    proc = subprocess.run([*role_python(cfg, "train"), "-c", code, str(base), reward],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise ConfigError(f"pipeline.make_tiny_models: making tiny models in {base.parent} "
-                          f"failed:\n{proc.stderr[-2000:]}")
-    print(proc.stdout.strip())
-
-
-def make_tiny_models(base_dir: str, reward_dir: str) -> None:
-    """The work of ensure_tiny_models, in the train environment."""
-    from avr_megatron.testing.tiny_hf import make_tiny_llama, make_tiny_reward_model, train_tiny_tokenizer
-
-    base = Path(base_dir)
-    models = base.parent
-    tmp = models / ".tmp-tiny-models"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok = train_tiny_tokenizer(tmp / "tokenizer")
-    made = {base.name: make_tiny_llama(tmp / base.name, tok)}
-    reward = Path(reward_dir) if reward_dir else None
-    if reward is not None and reward.parent == models and not reward.exists():
-        made[reward.name] = make_tiny_reward_model(tmp / reward.name, tok)
-    for name in made:
-        (tmp / name).rename(models / name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    print(f"avr pipeline: made random tiny models {sorted(made)} in {models}")
 
 
 def check_environments(cfg: AvrConfig, plans: list[StagePlan], executor: str) -> None:
@@ -112,9 +79,13 @@ def config_fingerprint(plan: StagePlan) -> str:
     return text_fingerprint(OmegaConf.to_yaml(c))
 
 
-def _check_models(cfg: AvrConfig) -> None:
+def _check_models(cfg: AvrConfig, prepare_models: ModelHook | None) -> None:
     if cfg.pipeline.make_tiny_models:
-        ensure_tiny_models(cfg)
+        if prepare_models is None:
+            raise ConfigError("pipeline.make_tiny_models=true, but this caller of run_pipeline "
+                              "passed no prepare_models hook (`avr pipeline` passes "
+                              "avr_megatron.testing.tiny_models.ensure_tiny_models)")
+        prepare_models(cfg)
     # The base model initialises RSFT through the HF converter: it must be a local directory.
     if not Path(cfg.pipeline.base_model).is_dir():
         raise ConfigError(f"pipeline.base_model={cfg.pipeline.base_model}: not found (the HF "
@@ -127,7 +98,11 @@ def _raise_interrupt(signum, frame):
 
 def run_pipeline(cfg: AvrConfig, *, start: str | None = None, stop: str | None = None,
                  only: str | None = None, executor: str | None = None, dryrun: bool = False,
-                 force: bool = False, out=sys.stdout) -> int:
+                 force: bool = False, out=sys.stdout,
+                 prepare_models: ModelHook | None = None) -> int:
+    """Run the selected stages in order. `prepare_models(cfg)` makes the models the recipe asks
+    for before the first stage (pipeline.make_tiny_models: the CLI passes the tiny-model maker),
+    so this package needs nothing from avr_megatron.testing."""
     try:
         selected = select(start, stop, only)
     except ValueError as e:
@@ -151,7 +126,7 @@ def run_pipeline(cfg: AvrConfig, *, start: str | None = None, stop: str | None =
             print(ex.dryrun(stage_spec(plan, cfg.pipeline.synth_shards)), file=out)
         return 0
     check_environments(cfg, plans, name)
-    _check_models(cfg)
+    _check_models(cfg, prepare_models)
     manifest = Manifest(root / "pipeline.json")
     old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     code = 0

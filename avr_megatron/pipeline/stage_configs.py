@@ -13,6 +13,7 @@ late stage's overrides fails in the first second, not after hours of synthesis.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,39 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> tuple[dict[str, Any], l
     return w, inputs, outputs
 
 
+def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Leaf key paths of a nested mapping -> their values (a non-empty mapping is not a leaf)."""
+    if isinstance(tree, Mapping) and (tree or not prefix):
+        out: dict[tuple[str, ...], Any] = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, (*prefix, str(key))))
+        return out
+    return {prefix: tree}
+
+
+def _check_wiring_conflicts(stage: Stage, wiring: dict[str, Any],
+                           layers: list[tuple[Any, str]]) -> None:
+    """A user override of a key the pipeline wires (where a stage reads, writes and starts from)
+    would be replaced by the wiring: refuse it, naming both values. An override equal to the
+    wired value is accepted. `layers`: (user overrides, where they come from)."""
+    wired = _leaves(wiring)
+    conflicts = []
+    for layer, source in layers:
+        for upath, uvalue in _leaves(layer or {}).items():
+            if isinstance(uvalue, Mapping):  # an empty mapping overrides nothing
+                continue
+            for wpath, wvalue in wired.items():
+                n = min(len(upath), len(wpath))
+                if upath[:n] != wpath[:n] or (upath == wpath and uvalue == wvalue):
+                    continue
+                conflicts.append(f"{source} sets {'.'.join(upath)}={uvalue!r}, but the pipeline "
+                                 f"wires {'.'.join(wpath)}={wvalue!r} for stage {stage.name}")
+    if conflicts:
+        raise ConfigError("; ".join(conflicts) + ". The pipeline connects its stages through "
+                          "these keys: remove the override (run.dir and pipeline.base_model "
+                          "move them).")
+
+
 def _stage_config(base_cfg: AvrConfig, stage: Stage, wiring: dict[str, Any]) -> AvrConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -130,7 +164,9 @@ def _stage_config(base_cfg: AvrConfig, stage: Stage, wiring: dict[str, Any]) -> 
     # overrides (sequence length, batch layout) so the stored log-probs match its batches.
     dpo = {"stage1_ref_logps": "stage1_dpo", "lcdpo_ref_logps": "lcdpo"}.get(stage.name)
     layers = ([(base_cfg.pipeline.stages.get(dpo) or {}, f"pipeline.stages.{dpo}")] if dpo else [])
-    layers += [(user, f"pipeline.stages.{stage.name}"), (wiring, f"pipeline wiring of {stage.name}")]
+    layers += [(user, f"pipeline.stages.{stage.name}")]
+    _check_wiring_conflicts(stage, wiring, layers)
+    layers += [(wiring, f"pipeline wiring of {stage.name}")]
     for layer, source in layers:
         merged = merge_checked(merged, OmegaConf.create(layer), source)
     try:

@@ -14,11 +14,14 @@ usual umask 022), so teammates can read configs and checkpoints; `tempfile.mkste
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 _OWNER = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)$")
 
@@ -126,19 +129,24 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> Path:
-    """Write `data` to `path` through a temporary sibling renamed into place (mode 0666 minus
-    the umask). On any error the temporary is removed and `path` is left as it was."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, sync: bool = True) -> Iterator[Path]:
+    """The temporary sibling (`temp_path`) to write `path` through, with any writer (pyarrow,
+    torch.save, a stream of lines): when the block ends without error it is fsynced (`sync`) and
+    renamed to `path`, and the directory entry synced; on any error (Ctrl-C included) it is
+    removed and `path` is left as it was. Files get mode 0666 minus the umask (no project file
+    is secret)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
+        yield tmp
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -153,12 +161,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = Tru
         raise
     if sync:
         fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> Path:
+    """Write `data` to `path` atomically (see atomic_file)."""
+    with atomic_file(path, sync=sync) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, sync: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), sync=sync)
 
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, sync: bool = True) -> Path:
+    """`obj` as indented UTF-8 JSON (non-ASCII kept as is) with a final newline, atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
+                             sync=sync)
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Publish the finished directory `tmp` as `final` (which must not exist) by one rename, then
+    sync the parent's entry so the rename survives a crash. The files inside are as durable as
+    their writers made them (DCP and the converters sync their own)."""
+    final = Path(final)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    return final
 
 
 # ---------------------------------------------------------------- storage faults

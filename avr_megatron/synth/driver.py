@@ -32,7 +32,8 @@ from avr_megatron.synth.inputs import InvalidRecord, PromptRecord, load_prompts
 from avr_megatron.synth.lengths import PromptLengthCheck
 from avr_megatron.synth.scheduler import Job, run_async
 from avr_megatron.synth.stages import STAGES, Stage, WorkItem, sampling_of, templates_of, thought_sampling_of
-from avr_megatron.synth.store import ShardStore, atomic_write_json, read_output
+from avr_megatron.runtime.files import atomic_write_json
+from avr_megatron.synth.store import ShardStore, read_output
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from avr_megatron.config.schema import AvrConfig
 from avr_megatron.method.records import COLUMN_TYPES, PREFERENCE_COLUMNS, SFT_COLUMNS
 from avr_megatron.synth.driver import print_report, stage_dir
 from avr_megatron.synth.stages import build_stage1, build_stage2
-from avr_megatron.synth.store import atomic_write_json, read_output, write_rows
+from avr_megatron.runtime.files import atomic_write_json
+from avr_megatron.synth.store import read_output, write_rows
 
 
 def data_root(cfg: AvrConfig) -> Path:

@@ -31,14 +31,6 @@ from avr_megatron.runtime import files
 _EXT = {"parquet": "parquet", "jsonl": "jsonl"}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    files.atomic_write_bytes(path, data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode())
-
-
 def encode_rows(rows: Sequence[dict[str, Any]], schema, fmt: str) -> bytes:
     """Rows -> file bytes with the explicit Arrow schema (Parquet) or as JSON lines."""
     if fmt == "jsonl":
@@ -55,7 +47,7 @@ def encode_rows(rows: Sequence[dict[str, Any]], schema, fmt: str) -> bytes:
 
 
 def write_rows(path: Path, rows: Sequence[dict[str, Any]], schema, fmt: str) -> None:
-    atomic_write_bytes(path, encode_rows(rows, schema, fmt))
+    files.atomic_write_bytes(path, encode_rows(rows, schema, fmt))
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -144,7 +136,7 @@ class ShardStore:
     def write_manifest(self, **fields: Any) -> None:
         self._manifest = fields
         try:
-            atomic_write_json(self.manifest_path, self._manifest_record(fields))
+            files.atomic_write_json(self.manifest_path, self._manifest_record(fields))
         except OSError as e:
             self._storage_failure(self.manifest_path, e)
             raise
@@ -167,7 +159,7 @@ class ShardStore:
         manifest = getattr(self, "_manifest", None)
         if manifest is not None and path != self.manifest_path:
             try:
-                atomic_write_json(self.manifest_path, self._manifest_record({**manifest, "error": str(err)}))
+                files.atomic_write_json(self.manifest_path, self._manifest_record({**manifest, "error": str(err)}))
             except OSError:
                 pass
         raise err from error

@@ -28,9 +28,9 @@ def main() -> int:
     except Exception:
         ok, payload = False, pickle.dumps((False, "result is not picklable:\n"
                                            + traceback.format_exc()))
-    tmp = work / f".rank{rank}.pkl.tmp"
-    tmp.write_bytes(payload)
-    os.replace(tmp, work / f"rank{rank}.pkl")
+    from avr_megatron.runtime.files import atomic_write_bytes
+
+    atomic_write_bytes(work / f"rank{rank}.pkl", payload)
     try:
         from avr_megatron.runtime.distributed import shutdown
 

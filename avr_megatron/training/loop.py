@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from avr_megatron.data.dataset import TrainingData
 from avr_megatron.data.sampler import StepSampler
 from avr_megatron.runtime.device import device, on_gpu
 from avr_megatron.runtime.distributed import ParallelLayout, is_rank0
+from avr_megatron.runtime.files import atomic_write_text
 from avr_megatron.training.signals import EXIT_PREEMPTED, PreemptionSignals
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,7 @@ def _any_rank(*flags: bool) -> list[bool]:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 class Trainer:

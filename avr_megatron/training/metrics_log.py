@@ -12,12 +12,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from avr_megatron.config import AvrConfig, ConfigError
+from avr_megatron.runtime.files import atomic_write_text
 
 
 def _finite(values: dict) -> dict:
@@ -48,9 +48,7 @@ class MetricsLog:
             return
         keep = [line for line in self.jsonl.read_text().splitlines()
                 if line.strip() and json.loads(line).get("iteration", 0) <= start_iteration]
-        tmp = self.jsonl.with_name(f".{self.jsonl.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.jsonl)
+        atomic_write_text(self.jsonl, "".join(line + "\n" for line in keep))
 
     def log(self, iteration: int, values: dict) -> None:
         if not self.enabled:
@@ -101,7 +99,7 @@ def _start_wandb(cfg: AvrConfig):
     run_dir = Path(cfg.run.dir)
     id_file = run_dir / "wandb_run_id"  # a resumed run continues the same W&B run
     run_id = id_file.read_text().strip() if id_file.is_file() else _new_run_id()
-    id_file.write_text(run_id)
+    atomic_write_text(id_file, run_id)
     return wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
                       name=cfg.run.name, id=run_id, resume="allow", dir=str(run_dir),
                       config=OmegaConf.to_container(OmegaConf.structured(cfg)))
@@ -174,7 +172,9 @@ def _peak_memory_gib() -> float:
     """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
     import torch
 
-    if torch.cuda.is_available():
+    from avr_megatron.runtime.device import on_gpu
+
+    if on_gpu():
         return torch.cuda.max_memory_allocated() / 2 ** 30
     import resource
 

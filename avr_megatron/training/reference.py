@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -35,6 +34,7 @@ from avr_megatron.data.batches import PackedBatch
 from avr_megatron.data.dataset import TrainingData
 from avr_megatron.data.fingerprint import fingerprint_dir
 from avr_megatron.runtime.device import device
+from avr_megatron.runtime.files import STALE_FILE, atomic_file, atomic_write_text, remove_stale
 
 log = logging.getLogger(__name__)
 FORMAT = "avr-megatron/ref-logps/1"
@@ -322,15 +322,12 @@ def _atomic_parquet(table: dict, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(table), tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        pq.write_table(pa.table(table), tmp)
 
 
 def _atomic_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def _broadcast_flag(flag: bool) -> bool:
@@ -378,6 +375,8 @@ def compute_store(cfg: AvrConfig, td: TrainingData, chunks, layout, *, use_te: b
         # can leave a stamp describing another table.
         (path / STAMP).unlink(missing_ok=True)
         parts.mkdir(parents=True, exist_ok=True)
+        for directory in (path, parts):  # temporaries of a killed run
+            remove_stale(directory, STALE_FILE)
         previous = parts / STAMP
         if previous.is_file() and json.loads(previous.read_text()) != key:
             shutil.rmtree(parts)  # parts of another reference/data: start over

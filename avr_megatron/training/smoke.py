@@ -18,6 +18,7 @@ import torch
 
 from avr_megatron.config import AvrConfig, save_config
 from avr_megatron.runtime.device import to_device
+from avr_megatron.runtime.files import atomic_write_text
 
 
 @dataclass
@@ -105,7 +106,5 @@ def run_smoke(cfg: AvrConfig, progress: bool = True) -> SmokeRun:
     if is_rank0():
         run_dir = Path(cfg.run.dir)
         save_config(cfg, run_dir / "config.yaml")
-        tmp = run_dir / "smoke_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(run_dir / "smoke_summary.json")
+        atomic_write_text(run_dir / "smoke_summary.json", json.dumps(summary, indent=2))
     return SmokeRun(summary, chunks, optimizer, scheduler)

@@ -1,5 +1,6 @@
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def avr(*args, env=None, timeout=600):
+def avr(*args, env=None, timeout=600, umask=None):
     return subprocess.run([sys.executable, "-m", "avr_megatron.cli.main", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                          preexec_fn=None if umask is None else lambda: os.umask(umask))
 
 
 def test_info_json():
@@ -39,12 +41,23 @@ def test_bad_override_exits_2_naming_key(tmp_path):
 
 
 def test_smoke_writes_config_and_summary(tmp_path):
+    from avr_megatron.runtime.files import owner_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = owner_tag().rsplit("-", 1)[0]
+    (tmp_path / f".train_summary.json.{host}-{dead.pid}.tmp").write_text("killed mid-write")
     out = avr("smoke", "--recipe", "recipes/tiny.yaml", f"run.dir={tmp_path}",
-              "train.train_iters=30")
+              "train.train_iters=30", umask=0o022)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "smoke_summary.json").read_text())
     assert summary["last_loss"] < summary["first_loss"] * 0.6
     assert "train_iters: 30" in (tmp_path / "config.yaml").read_text()
+    # Teammates on a shared file system can read the run's files (mkstemp would give 0600),
+    # and no temporary is left behind (a killed run's is removed).
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}
+    assert modes["config.yaml"] == modes["smoke_summary.json"] == 0o644, modes
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.slow

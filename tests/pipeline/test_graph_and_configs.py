@@ -66,6 +66,35 @@ def test_bad_stage_overrides_fail_before_anything_runs(tmp_path, override, messa
     assert not (tmp_path / "stages").exists()
 
 
+@pytest.mark.parametrize("override, wired", [
+    ("pipeline.stages.stage1_dpo.loss.reference=online", "loss.reference='precomputed'"),
+    ("pipeline.stages.rsft.data.train=/elsewhere/sft", "data.train="),
+    ("pipeline.stages.rsft.model.init_from.mcore=/some/ckpt", "model.init_from.mcore=None"),
+    ("pipeline.stages.stage1_trees.synth.output_dir=/elsewhere", "synth.output_dir="),
+    # The reference log-probs stage shares its DPO stage's overrides, conflicts included.
+    ("pipeline.stages.lcdpo.data.train=/elsewhere/pairs", "for stage lcdpo_ref_logps"),
+])
+def test_override_of_a_wired_key_is_refused_naming_both(tmp_path, override, wired):
+    """Wiring used to replace such an override silently: now the run stops before any stage,
+    naming the user's value and the wired one."""
+    key, value = override.split("=", 1)
+    key = key.split(".", 3)[3]
+    with pytest.raises(ConfigError, match="pipeline connects its stages") as e:
+        plan_stages(load_config(TINY, [f"run.dir={tmp_path}", override]))
+    assert f"sets {key}={value!r}, but the pipeline wires" in str(e.value) and wired in str(e.value)
+    assert not (tmp_path / "stages").exists()
+
+
+def test_override_equal_to_the_wiring_is_accepted(tmp_path):
+    train = tmp_path / "data" / "base" / "stage1" / "sft"
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", f"pipeline.stages.rsft.data.train={train}",
+                             "pipeline.stages.stage1_dpo.loss.reference=precomputed",
+                             "pipeline.stages.rsft.model.init_from.mcore=null"])
+    plans = {p.stage.name: p for p in plan_stages(cfg)}
+    assert plans["rsft"].cfg.data.train == str(train)
+    assert plans["stage1_dpo"].cfg.loss.reference == "precomputed"
+
+
 def test_stage2_start_without_a_chosen_column_fails_before_anything_runs(tmp_path):
     no_chosen = [f"run.dir={tmp_path}", "synth.input.fields.chosen=null", "synth.pairs.mix_source_chosen=false"]
     with pytest.raises(ConfigError, match=r"stage stage2_search .*synth.stage2.start=chosen.*fields.chosen is not set"):

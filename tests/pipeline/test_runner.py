@@ -126,3 +126,28 @@ def test_placeholders_refused_before_any_stage_and_listed_by_a_dry_run(run):
     text = out.getvalue()
     assert "WARNING: placeholder eval.prompts=/path/to/e.jsonl" in text
     assert "YOUR_ACCOUNT" not in text and "## stage stage1_pairs_base" in text
+
+
+def test_model_hook_makes_the_models_and_the_pipeline_imports_no_test_helpers(run, tmp_path):
+    """pipeline.make_tiny_models runs the hook its caller passes (`avr pipeline`: the tiny-model
+    maker of avr_megatron.testing, chosen in avr_megatron/cli/pipeline.py) before the first stage;
+    without one it is refused. No module of the pipeline package imports avr_megatron.testing."""
+    import ast
+
+    go, root = run
+    base = root / "made-by-hook"
+    cfg = load_config(TINY, [f"run.dir={root}", f"pipeline.base_model={base}",
+                             "pipeline.make_tiny_models=true"])
+    with pytest.raises(ConfigError, match="no prepare_models hook"):
+        runner.run_pipeline(cfg, only=STAGE, executor="fake", out=io.StringIO())
+    assert CALLS == []
+    made = []
+    code = runner.run_pipeline(cfg, only=STAGE, executor="fake", out=io.StringIO(),
+                               prepare_models=lambda c: (made.append(c), base.mkdir()))
+    assert code == 0 and made == [cfg] and CALLS == [STAGE]
+    package = Path(runner.__file__).parent
+    for module in package.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.startswith("avr_megatron.testing")], module

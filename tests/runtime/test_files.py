@@ -64,3 +64,32 @@ def test_write_permission_errors_are_storage_problems_reads_are_not(tmp_path, mo
     assert str(err).startswith(f"cannot write {tmp_path / 'config.yaml'}: the directory is not writable")
     read = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "data.jsonl"))
     assert files.storage_error(read.filename, read, kept="k", probe=False) is None
+
+
+def test_atomic_file_any_writer_all_or_nothing(tmp_path):
+    """A library writer (here: plain open) writes the temporary; an error keeps the old file."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("old\n")
+    try:
+        with files.atomic_file(path) as tmp, open(tmp, "w") as f:
+            f.write("half")
+            raise RuntimeError("writer failed")
+    except RuntimeError:
+        pass
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+    with files.atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write("new\n")
+    assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+def test_atomic_write_json_format(tmp_path):
+    path = files.atomic_write_json(tmp_path / "s.json", {"b": "é", "a": 1})
+    assert path.read_text() == '{\n  "b": "é",\n  "a": 1\n}\n'
+
+
+def test_publish_dir(tmp_path):
+    build = files.temp_dir_path(tmp_path / "out")
+    build.mkdir()
+    (build / "x").write_text("1")
+    final = files.publish_dir(build, tmp_path / "out")
+    assert (final / "x").read_text() == "1" and not build.exists()

@@ -27,5 +27,9 @@ def run(args, cfg) -> int:
         return 0
     from avr_megatron.pipeline.runner import run_pipeline
 
+    prepare_models = None
+    if cfg.pipeline.make_tiny_models:  # CPU test recipes: random tiny models, made once
+        from avr_megatron.testing.tiny_models import ensure_tiny_models as prepare_models
     return run_pipeline(cfg, start=args.start, stop=args.stop, only=args.only,
-                        executor=args.executor, dryrun=args.dryrun, force=args.force)
+                        executor=args.executor, dryrun=args.dryrun, force=args.force,
+                        prepare_models=prepare_models)
