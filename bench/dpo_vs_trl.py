@@ -277,6 +277,14 @@ def run_trl(args, work: Path, shape: str, model: Path, python: Path) -> dict:
     return out
 
 
+def _commit() -> str | None:
+    """The avr commit measured: git's HEAD, else $AVR_BENCH_COMMIT (a run from an exported
+    copy of the tree)."""
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else os.environ.get("AVR_BENCH_COMMIT")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["long", "mixed"])
@@ -371,6 +379,7 @@ def main(argv=None) -> int:
               f"{r['avr_packing_efficiency']:.1%} real, TRL rows "
               f"{r['trl']['precomputed']['real_fraction']:.1%} real")
     write("dpo_vs_trl", {
+        "commit": _commit(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                    if k not in ("trl_venv", "workdir")},
         "shapes": results, "goals": GOALS})
