@@ -207,7 +207,8 @@ def _timed_steps(cfg, objective_name: str, use_te: bool, steps: int, seq: int, g
 
     from avr_megatron.models.llama import build_model, unwrap
     from avr_megatron.runtime.device import device
-    from avr_megatron.runtime.distributed import initialize, layout_for
+    from avr_megatron.config.layout import layout_for
+    from avr_megatron.runtime.distributed import initialize
     from avr_megatron.training.flops import forward_flops, peak_flops
     from avr_megatron.training.losses.common import SequenceLogprobs
     from avr_megatron.training.losses.preference import PreferenceObjective
