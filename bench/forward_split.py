@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     from avr_megatron.data.batches import collate
     from avr_megatron.data.dataset import load_training_data
     from avr_megatron.models import llama
-    from avr_megatron.models.state import gather_full, load_full_state_dict
+    from avr_megatron.testing.state import gather_full, load_full_state_dict
     from avr_megatron.runtime import cpu_compat
     from avr_megatron.runtime.distributed import initialize, seed_everything
     from avr_megatron.testing.tiny_hf import train_tiny_tokenizer

@@ -130,7 +130,7 @@ def cpu_reference(out: Path, cpu: bool) -> None:
     import torch
 
     from avr_megatron.models.llama import build_model
-    from avr_megatron.models.state import gather_full
+    from avr_megatron.testing.state import gather_full
     from avr_megatron.runtime.distributed import initialize, shutdown
 
     sh = shapes(cpu)
@@ -149,7 +149,7 @@ def check_local_vs_cpu(ctx) -> dict:
 
     from avr_megatron.data.batches import PackedBatch
     from avr_megatron.models.llama import build_model
-    from avr_megatron.models.state import load_full_state_dict
+    from avr_megatron.testing.state import load_full_state_dict
     from avr_megatron.runtime.distributed import initialize
 
     ref_file = ctx.work / "cpu_reference.pt"
@@ -207,7 +207,8 @@ def _timed_steps(cfg, objective_name: str, use_te: bool, steps: int, seq: int, g
 
     from avr_megatron.models.llama import build_model, unwrap
     from avr_megatron.runtime.device import device
-    from avr_megatron.runtime.distributed import initialize, layout_for
+    from avr_megatron.config.layout import layout_for
+    from avr_megatron.runtime.distributed import initialize
     from avr_megatron.training.flops import forward_flops, peak_flops
     from avr_megatron.training.losses.common import SequenceLogprobs
     from avr_megatron.training.losses.preference import PreferenceObjective

@@ -15,8 +15,8 @@ load) replaces both for this process:
 
 - `.metadata` goes through `MetadataUnpickler`, which resolves only the classes a DCP metadata
   file is made of (the dataclasses and enums of `torch.distributed.checkpoint.metadata` and
-  `.planner`, `filesystem._StorageInfo`, `torch.Size`, torch dtypes and layouts, paths) and refuses any
-  other global before it is called;
+  `.planner`, `filesystem._StorageInfo`, `torch.Size`, torch dtypes and layouts, paths) and
+  refuses any other global before it is called;
 - byte objects load with `torch.load(weights_only=True)`: tensors, containers and plain values
   only (the tensor data was already read with `weights_only=True` by torch).
 

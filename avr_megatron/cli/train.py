@@ -1,9 +1,10 @@
 """`avr train sft|dpo` and `avr logps`: training stages and reference log-probs from a recipe.
 
-Exit codes: 0 done, 2 bad recipe/data/reference log-probs/checkpoint (message names the key,
-file, record or field; a checkpoint whose pickles would run code is refused), 74 storage (disk full or
-read-only: the message names the path, what was kept and how to resume), 1 aborted (non-finite losses), 75 preempted (SIGTERM/SIGUSR1: checkpoint saved;
-rerun the same command to resume).
+Exit codes (docs/faults.md): 0 done, 2 bad recipe/data/reference log-probs/checkpoint (message
+names the key, file, record or field; a checkpoint whose pickles would run code is refused),
+1 aborted (non-finite losses), 74 storage (disk full or read-only: the message names the path,
+what was kept and how to resume), 75 preempted (SIGTERM/SIGUSR1: checkpoint saved; rerun the
+same command to resume).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ import re
 from typing import Any, Callable
 
 from avr_megatron.config.errors import ConfigError
+from avr_megatron.config.layout import (batch_error, microbatch_errors, model_parallel_size,
+                                        world_error)
 from avr_megatron.config.schema import AvrConfig
 
 Rule = Callable[[AvrConfig], list[str]]
@@ -163,9 +165,8 @@ def _training(cfg: AvrConfig) -> list[str]:
                 "log_interval"):
         if getattr(t, key) < 1:
             errs.append(f"train.{key}={getattr(t, key)} must be >= 1")
-    if t.global_batch_size % max(t.micro_batch_size, 1):
-        errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                    f"train.micro_batch_size={t.micro_batch_size}")
+    if t.micro_batch_size >= 1 and (err := batch_error(t)):
+        errs.append(err)
     if sch.warmup_iters < 0:
         errs.append(f"scheduler.warmup_iters={sch.warmup_iters} must be >= 0")
     if t.seq_length > cfg.model.max_position_embeddings:
@@ -442,21 +443,15 @@ def _launch_slurm(cfg: AvrConfig) -> list[str]:
     if errs or cfg.pipeline.executor != "slurm":
         return errs
     # Layout checks that need the world size, which launch.slurm.train fixes on Slurm.
-    p, t = cfg.parallel, cfg.train
-    world, model = _slurm_world(s.train), (p.tensor_model_parallel_size *
-                                           p.pipeline_model_parallel_size * p.context_parallel_size)
-    if model >= 1 and world % model:
-        errs.append(f"launch.slurm.train gives {world} processes ({s.train.nodes} node(s) x "
-                    f"{world // s.train.nodes} per node), not divisible by TP x PP x CP = {model} "
-                    "(parallel.*_parallel_size)")
-    elif model >= 1 and t.micro_batch_size >= 1:
-        dp = world // model
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                        f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
-                        f"(launch.slurm.train: {world} processes / TP x PP x CP = {model})")
-        else:
-            errs += interleaving_microbatches(cfg, dp)
+    world, model = _slurm_world(s.train), model_parallel_size(cfg.parallel)
+    if model >= 1:  # else the parallel sizes' own rule reports it
+        err = world_error(cfg.parallel, world, f"launch.slurm.train gives {world} processes "
+                          f"({s.train.nodes} node(s) x {world // s.train.nodes} per node)")
+        if err:
+            errs.append(err)
+        elif cfg.train.micro_batch_size >= 1:
+            errs += microbatch_errors(cfg, world // model, f" (launch.slurm.train: {world} "
+                                      f"processes / TP x PP x CP = {model})")
     for role in ("policy", "reward"):
         e = getattr(cfg.synth, role)
         if e.backend == "vllm" and s.synth.gpus_per_node and \
@@ -486,20 +481,6 @@ def _non_finite_floats(node: Any, prefix: str = "") -> list[str]:
         key = f"{prefix}{name}" if name.startswith("[") or not prefix else f"{prefix}.{name}"
         errs += _non_finite_floats(value, key)
     return errs
-
-
-def interleaving_microbatches(cfg: AvrConfig, dp: int) -> list[str]:
-    """Megatron's interleaved schedule needs the microbatches of a step (per data-parallel
-    rank) to be a multiple of the pipeline size (and so at least it)."""
-    p, t = cfg.parallel, cfg.train
-    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
-    n = t.global_batch_size // (t.micro_batch_size * dp)
-    if vpp is None or pp < 2 or n % pp == 0:
-        return []
-    return [f"interleaved pipelining (parallel.virtual_pipeline_model_parallel_size={vpp}) "
-            f"needs the microbatches per step, train.global_batch_size / (train.micro_batch_size "
-            f"x data-parallel size {dp}) = {n}, to be a multiple of "
-            f"parallel.pipeline_model_parallel_size={pp}"]
 
 
 def validate_config(cfg: AvrConfig) -> AvrConfig:

@@ -36,6 +36,9 @@ import numpy as np
 from avr_megatron.data.records import DataError
 
 
+Rendered = tuple[str, list[tuple[int, int]]]  # text, character spans of the trained tokens
+
+
 @dataclass(frozen=True)
 class Encoded:
     """One tokenised sequence: ids and, per token, whether it is a trained assistant token."""
@@ -132,7 +135,7 @@ class ChatTokenizer:
 
     def render_pair(self, prompt: Sequence[dict], chosen: Sequence[dict],
                     rejected: Sequence[dict], where: str, info: dict | None = None
-                    ) -> tuple[tuple[str, list[tuple[int, int]]], tuple[str, list[tuple[int, int]]]]:
+                    ) -> tuple[Rendered, Rendered]:
         """Chosen and rejected rendered after the prompt, each trained (and scored) on every
         token after the prompt, as TRL's DPOTrainer does: a completion of several messages
         (assistant, user, assistant) counts all of them, and the prompt ends where both

@@ -153,8 +153,11 @@ def atomic_file(path: str | os.PathLike, *, sync: bool = True) -> Iterator[Path]
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        if isinstance(e, OSError) and e.filename == str(tmp):  # name the file, not our temp
-            raise type(e)(e.errno, e.strerror, str(path)) from None
+        if isinstance(e, OSError):
+            if e.filename is not None and os.fspath(e.filename) == str(tmp):
+                e = type(e)(e.errno, e.strerror, str(path))  # name the file, not our temp
+            e.during_write = True  # a permission error here is about writing (storage_problem)
+            raise e from None
         raise
     if sync:
         fsync_dir(path.parent)
@@ -205,7 +208,8 @@ _ERRNO_PROBLEMS = {
     errno.EFBIG: "the file size limit is reached (ulimit -f)",
 }
 # What a probe write can also tell (an errno that, on its own, may come from a read).
-_PROBE_PROBLEMS = {**_ERRNO_PROBLEMS, errno.EACCES: "the directory is not writable (permission denied)",
+_PROBE_PROBLEMS = {**_ERRNO_PROBLEMS,
+                   errno.EACCES: "the directory is not writable (permission denied)",
                    errno.EPERM: "the directory is not writable (operation not permitted)"}
 
 
@@ -215,6 +219,8 @@ def _errno_problem(error: BaseException | None) -> str | None:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _ERRNO_PROBLEMS:
             return _ERRNO_PROBLEMS[error.errno]
+        if isinstance(error, OSError) and getattr(error, "during_write", False):
+            return _PROBE_PROBLEMS.get(error.errno)
         error = error.__cause__ or error.__context__
     return None
 
@@ -276,4 +282,5 @@ def storage_error(path: str | os.PathLike, error: BaseException | None, *, kept:
     if problem is None:
         return None
     cause = "" if error is None else f" [{describe_error(error)}]"
-    return StorageError(f"cannot write {path}: {problem}{cause}. Kept: {kept}. To resume: {resume}.")
+    return StorageError(f"cannot write {path}: {problem}{cause}. Kept: {kept}. "
+                        f"To resume: {resume}.")

@@ -74,7 +74,8 @@ def _load(role: str, cfg: SynthEngineConfig) -> _Model | None:
                            else source)
     except (OSError, ValueError) as e:
         raise ConfigError(f"synth.{role}.model={cfg.model!r}: cannot load its tokenizer and "
-                          f"config to measure prompts ({type(e).__name__}: {str(e)[:300]})") from None
+                          f"config to measure prompts ({type(e).__name__}: {str(e)[:300]})"
+                          ) from None
     if context is None:
         log.warning("synth.%s: the model config names no context length (max_position_embeddings)"
                     "; set synth.%s.max_model_len to have prompt lengths checked", role, role)

@@ -30,11 +30,12 @@ import torch
 import torch.distributed as dist
 
 from avr_megatron.config import AvrConfig, ConfigError, save_config
+from avr_megatron.config.layout import ParallelLayout
 from avr_megatron.data.batches import collate, trims_padding
 from avr_megatron.data.dataset import TrainingData
 from avr_megatron.data.sampler import StepSampler
 from avr_megatron.runtime.device import device, on_gpu
-from avr_megatron.runtime.distributed import ParallelLayout, is_rank0
+from avr_megatron.runtime.distributed import is_rank0
 from avr_megatron.runtime.files import atomic_write_text
 from avr_megatron.training.signals import EXIT_PREEMPTED, PreemptionSignals
 

@@ -28,7 +28,7 @@ def _reshard_case(root, first_tp, second_tp):
     from avr_megatron.checkpoint.dist_ckpt import load_checkpoint, save_checkpoint
     from avr_megatron.config import load_config
     from avr_megatron.models.llama import build_model
-    from avr_megatron.models.state import gather_full
+    from avr_megatron.testing.state import gather_full
     from avr_megatron.runtime.distributed import initialize
 
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))

@@ -39,10 +39,17 @@ def _garble(ckpt: Path):
     (ckpt / ".metadata").write_bytes(b"\x80\x04not a pickle at all")
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, toy):
+    """The losses of an uninterrupted 3-step run."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    out = _train(run, toy, 3)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return _losses(run)
+
+
 @pytest.mark.parametrize("damage", [_truncate, _garble], ids=["truncated", "garbled"])
-def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, toy, damage):
-    ref = _train(tmp_path / "ref", toy, 3)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, toy, reference, damage):
     run = tmp_path / "run"
     first = _train(run, toy, 2)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -58,7 +65,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, toy, d
     assert f"checkpoint {bad} cannot be loaded" in second.stderr
     assert f"falling back to the previous one, {run / 'checkpoints' / 'iter_0000001'}" in second.stderr
     assert f"resumed from {run / 'checkpoints' / 'iter_0000001'} at iteration 1" in second.stderr
-    assert _losses(run) == _losses(tmp_path / "ref")  # iteration 2 redone, 3 as uninterrupted
+    assert _losses(run) == reference  # iteration 2 redone, 3 as uninterrupted
     assert not partial.exists()  # removed by the next save
 
 

@@ -95,7 +95,7 @@ def test_non_finite_float_is_refused_naming_the_key_given(override, key):
 def test_interleaved_microbatches_per_data_parallel_rank():
     """The microbatch count per step and DP rank must be a multiple of PP under interleaving;
     the data-parallel size is known at run time (or from launch.slurm.train)."""
-    from avr_megatron.runtime.distributed import ParallelLayout
+    from avr_megatron.config.layout import ParallelLayout
     from avr_megatron.training.setup import num_microbatches
 
     cfg = load_config(None, ["model.num_layers=4", f"{PP}=2", f"{VPP}=2",

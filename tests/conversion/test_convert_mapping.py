@@ -62,11 +62,11 @@ def test_merge_matches_hand_written_layout_and_split_inverts_it():
 
 
 def test_tp_chunks_are_what_each_rank_holds():
-    """The chunks written for TP=2 equal state.shard_for_rank's pieces (the layout
-    load_full_state_dict puts into a TP=2 model)."""
+    """The chunks written for TP=2 equal testing.state.shard_for_rank's pieces (the layout
+    load_full_state_dict puts into a TP=2 model), and join_shards puts them back together."""
     from types import SimpleNamespace
 
-    from avr_megatron.models.state import shard_for_rank
+    from avr_megatron.testing.state import join_shards, shard_for_rank
 
     m = _model()
     merged = _merge_all(_hf_random(m), m)
@@ -88,6 +88,8 @@ def test_tp_chunks_are_what_each_rank_holds():
                 pieces.append(piece)
             expected = shard_for_rank(t.name, param, full, 2, r)
             assert torch.equal(torch.cat(pieces, dim=t.param.tp_dim), expected), t.name
+        shards = [shard_for_rank(t.name, param, full, 2, r) for r in range(2)]
+        assert torch.equal(join_shards(t.name, param, shards), full), t.name
 
 
 def test_storage_keys_drop_the_layer_number():

@@ -44,7 +44,7 @@ def _load(ckpt, tp, pp, vpp=None):
 
 def _parity(cases):
     from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
-    from avr_megatron.models.state import gather_full
+    from avr_megatron.testing.state import gather_full
 
     results = {}
     for name, case in cases.items():

@@ -39,7 +39,7 @@ def _case(conv, tmp):
     )
     from avr_megatron.checkpoint.extra_state import UNSAFE_PICKLE_ENV
     from avr_megatron.models.llama import build_model, unwrap
-    from avr_megatron.models.state import gather_full
+    from avr_megatron.testing.state import gather_full
     from avr_megatron.runtime.distributed import initialize
     from avr_megatron.testing import te_layout
 

@@ -18,7 +18,7 @@ def _train_and_save(root, tokens, assets):
 
     from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
     from avr_megatron.config import load_config
-    from avr_megatron.models.state import gather_full
+    from avr_megatron.testing.state import gather_full
     from avr_megatron.training.smoke import run_smoke
 
     cfg = load_config(None, [

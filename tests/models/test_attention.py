@@ -27,7 +27,7 @@ def _build(cfg, weights=None, unfused=False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from avr_megatron.models import llama
-    from avr_megatron.models.state import gather_full, load_full_state_dict
+    from avr_megatron.testing.state import gather_full, load_full_state_dict
     from avr_megatron.runtime.distributed import initialize
 
     initialize(cfg)
@@ -46,7 +46,7 @@ def _build(cfg, weights=None, unfused=False):
 
 
 def _run(model, tokens, mask):
-    from avr_megatron.models.state import gather_full
+    from avr_megatron.testing.state import gather_full
 
     model.zero_grad(set_to_none=True)
     positions = torch.arange(S).expand_as(tokens)

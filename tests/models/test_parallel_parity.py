@@ -42,7 +42,7 @@ def _loss(logits, labels, vocab):
 def _tp_case(overrides):
     from avr_megatron.config import load_config
     from avr_megatron.models.llama import build_model
-    from avr_megatron.models.state import gather_full, load_full_state_dict
+    from avr_megatron.testing.state import gather_full, load_full_state_dict
     from avr_megatron.runtime.distributed import initialize
 
     results = {}
@@ -92,7 +92,7 @@ def _pp_case(vpp):
 
     from avr_megatron.config import load_config
     from avr_megatron.models.llama import build_model
-    from avr_megatron.models.state import gather_full, load_full_state_dict
+    from avr_megatron.testing.state import gather_full, load_full_state_dict
     from avr_megatron.runtime.distributed import initialize
 
     layers = 4

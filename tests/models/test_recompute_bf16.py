@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 def _case():
     from avr_megatron.config import load_config
     from avr_megatron.models.llama import build_model
-    from avr_megatron.models.state import gather_full, load_full_state_dict
+    from avr_megatron.testing.state import gather_full, load_full_state_dict
     from avr_megatron.runtime.distributed import initialize
 
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))

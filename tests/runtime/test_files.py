@@ -47,6 +47,25 @@ def test_recycled_pid_is_stale(tmp_path):
     assert [p.name for p in files.remove_stale(tmp_path, files.STALE_FILE)] == [tmp.name]
 
 
+def test_write_permission_errors_are_storage_problems_reads_are_not(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", args[0])
+
+    monkeypatch.setattr(files.os, "open", denied)
+    with pytest.raises(PermissionError) as e:
+        files.atomic_write_text(tmp_path / "config.yaml", "x")
+    monkeypatch.undo()
+    assert e.value.filename == str(tmp_path / "config.yaml")  # the file, not our temporary
+    err = files.storage_error(e.value.filename, e.value, kept="k", probe=False)
+    assert str(err).startswith(f"cannot write {tmp_path / 'config.yaml'}: the directory is not writable")
+    read = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "data.jsonl"))
+    assert files.storage_error(read.filename, read, kept="k", probe=False) is None
+
+
 def test_atomic_file_any_writer_all_or_nothing(tmp_path):
     """A library writer (here: plain open) writes the temporary; an error keeps the old file."""
     path = tmp_path / "t.jsonl"

@@ -12,7 +12,7 @@ def _dp_case(run_dir, overrides):
     import torch.distributed as dist
 
     from avr_megatron.config import load_config
-    from avr_megatron.models.state import gather_full
+    from avr_megatron.testing.state import gather_full
     from avr_megatron.training.smoke import run_smoke
 
     cfg = load_config(None, ["model.preset=tiny", f"run.dir={run_dir}", "train.train_iters=30",
@@ -103,7 +103,7 @@ def _overlap_case(tmp, overrides):
     from avr_megatron.checkpoint.dist_ckpt import load_checkpoint
     from avr_megatron.config import load_config
     from avr_megatron.models.llama import build_model
-    from avr_megatron.models.state import gather_full
+    from avr_megatron.testing.state import gather_full
     from avr_megatron.runtime.distributed import is_rank0
     from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
     from avr_megatron.testing.toy_data import sft_records, write_jsonl

@@ -72,7 +72,7 @@ def _case(tmp):
     from avr_megatron.data.records import read_preferences
     from avr_megatron.data.tokenized import tokenize_preferences
     from avr_megatron.models.llama import build_model, padded_vocab_size
-    from avr_megatron.models.state import gather_full, load_full_state_dict
+    from avr_megatron.testing.state import gather_full, load_full_state_dict
     from avr_megatron.runtime.distributed import initialize
     from avr_megatron.testing.hf_llama_weights import hf_to_canonical
     from avr_megatron.testing.tiny_hf import make_tiny_llama, train_tiny_tokenizer

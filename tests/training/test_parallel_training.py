@@ -33,7 +33,7 @@ def _step_parity(cfg_base):
     from avr_megatron.data.batches import collate
     from avr_megatron.data.dataset import load_training_data
     from avr_megatron.models.llama import build_model
-    from avr_megatron.models.state import gather_full, load_full_state_dict
+    from avr_megatron.testing.state import gather_full, load_full_state_dict
     from avr_megatron.runtime.distributed import initialize
     from avr_megatron.training.losses.common import SequenceLogprobs
     from avr_megatron.training.losses.preference import PreferenceObjective

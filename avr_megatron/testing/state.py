@@ -1,12 +1,15 @@
-"""Full (unsharded) state dicts for this rank's Megatron model chunks.
+"""Full (unsharded) state dicts for this rank's Megatron model chunks, for tests: compare a
+parallel model's weights or gradients with a single-rank one, or load the same weights into both.
 
 Names are canonical: global layer numbers and the dist-checkpoint spelling of norms
 (`self_attention.linear_qkv.layer_norm_weight`, `mlp.linear_fc1.layer_norm_weight`), so the same
 dict fits the local and the Transformer Engine layer specs. Tensor-parallel shards are cut or
-joined along each parameter's `partition_dim`; the SwiGLU fc1 weight is [gate; up] in full and
-[gate_r; up_r] on TP rank r. Pipeline stages exchange their layers so every rank sees all.
+joined along each parameter's `partition_dim`; which tensors stack several HF tensors per TP
+shard (the SwiGLU fc1: [gate; up] in full, [gate_r; up_r] on TP rank r) is read from the
+conversion table (`conversion/mapping.py`), which owns that layout. Pipeline stages exchange
+their layers so every rank sees all.
 
-Everything here materialises whole tensors: it serves tests, small models and per-layer use.
+Everything here materialises whole tensors: it serves tests and small models.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from avr_megatron.conversion.mapping import PARAMS
 from avr_megatron.models.llama import unwrap
 
 # Local-spec names -> canonical (= TE spec / dist checkpoint) names.
@@ -27,8 +31,14 @@ _LOCAL_TO_CANONICAL = {
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def _is_glu_fc1(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight")
+_BY_TEMPLATE = {p.megatron: p for p in PARAMS}
+
+
+def _stacked_per_shard(name: str) -> int:
+    """How many HF tensors each TP shard of canonical tensor `name` stacks (the mapping's `glu`
+    tensors: every rank holds its rows of each, [gate_r; up_r]); 1 for the others."""
+    param = _BY_TEMPLATE.get(re.sub(r"^decoder\.layers\.\d+\.", "decoder.layers.{i}.", name))
+    return len(param.hf) if param is not None and param.glu else 1
 
 
 def canonical_params(chunks: list[torch.nn.Module], tied: bool
@@ -63,10 +73,8 @@ def shard_for_rank(name: str, param: torch.nn.Parameter, full: torch.Tensor, tp:
     if not getattr(param, "tensor_model_parallel", False) or tp == 1:
         return full
     dim = param.partition_dim
-    if _is_glu_fc1(name):
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
-    return full.chunk(tp, dim=dim)[rank]
+    parts = full.chunk(_stacked_per_shard(name), dim=dim)
+    return torch.cat([part.chunk(tp, dim=dim)[rank] for part in parts], dim=dim)
 
 
 def join_shards(name: str, param: torch.nn.Parameter, shards: list[torch.Tensor]) -> torch.Tensor:
@@ -74,10 +82,9 @@ def join_shards(name: str, param: torch.nn.Parameter, shards: list[torch.Tensor]
     if not getattr(param, "tensor_model_parallel", False) or len(shards) == 1:
         return shards[0]
     dim = param.partition_dim
-    if _is_glu_fc1(name):
-        halves = [s.chunk(2, dim=dim) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-    return torch.cat(shards, dim=dim)
+    stacked = _stacked_per_shard(name)
+    parts = [s.chunk(stacked, dim=dim) for s in shards]
+    return torch.cat([p[j] for j in range(stacked) for p in parts], dim=dim)
 
 
 def load_full_state_dict(chunks: list[torch.nn.Module], full: dict[str, torch.Tensor],
