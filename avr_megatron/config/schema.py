@@ -8,12 +8,59 @@ merged onto it, and `avr_megatron.config.validate` checks cross-key rules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import FrozenInstanceError, dataclass, field
 from typing import Any, Dict, List, Optional
+
+_FROZEN = "_frozen_as"  # instance attribute: the section's dotted key, set by freeze()
+
+
+class Section:
+    """Base of every config section. config/resolve.py freezes the resolved run config: an
+    assignment then raises FrozenInstanceError naming the key. A deepcopy (or
+    dataclasses.replace) of a frozen section is a new, writable one."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        where = self.__dict__.get(_FROZEN)
+        if where is not None:
+            raise FrozenInstanceError(
+                f"cannot set {where + '.' if where else ''}{name}: the resolved config is "
+                "read-only (config/resolve.py settles every value before setup)")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self.__dict__.get(_FROZEN) is not None:
+            raise FrozenInstanceError(f"cannot delete {name}: the resolved config is read-only")
+        object.__delattr__(self, name)
+
+    def __deepcopy__(self, memo: dict) -> "Section":
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k != _FROZEN:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+
+def freeze(section: Section, where: str = "") -> Section:
+    """Make `section` and every section below it (also inside lists and dicts) read-only."""
+    section.__dict__[_FROZEN] = where
+    for k, v in section.__dict__.items():
+        key = f"{where}.{k}" if where else k
+        values = (v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple))
+                  else [v])
+        for item in values:
+            if isinstance(item, Section):
+                freeze(item, key)
+    return section
+
+
+def is_frozen(section: Section) -> bool:
+    return section.__dict__.get(_FROZEN) is not None
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     # Where a command reads its inputs and writes its outputs; the resolved config goes there too.
     dir: str = "runs/default"
     # Run name shown in logs, TensorBoard and W&B.
@@ -23,7 +70,7 @@ class RunConfig:
 
 
 @dataclass
-class RopeScalingConfig:
+class RopeScalingConfig(Section):
     # None (no scaling) or "llama3" (Llama-3.1/3.2 frequency remapping).
     type: Optional[str] = None
     # Llama-3 scaling: how much the low frequencies are divided by.
@@ -37,7 +84,7 @@ class RopeScalingConfig:
 
 
 @dataclass
-class InitFromConfig:
+class InitFromConfig(Section):
     """Where a model's initial weights come from: at most one of the two; neither means random
     initialisation from run.seed (tests, smoke runs)."""
 
@@ -48,7 +95,7 @@ class InitFromConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     # A name from avr_megatron.models.presets; keys set beside it override the preset.
     preset: Optional[str] = None
     # Initial weights of a training run (ignored when resuming from checkpoint.dir).
@@ -96,7 +143,7 @@ class ModelConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Section):
     """How the model is split over GPUs. The data-parallel size is what remains of the world
     size: world / (tensor x pipeline x context parallel sizes)."""
 
@@ -113,7 +160,7 @@ class ParallelConfig:
 
 
 @dataclass
-class PrecisionConfig:
+class PrecisionConfig(Section):
     # bf16 parameters and activations (Float16Module); fp32 master weights in the optimizer.
     bf16: bool = False
     # FP8 through Transformer Engine: None | e4m3 | hybrid.
@@ -129,7 +176,7 @@ class PrecisionConfig:
 
 
 @dataclass
-class DDPConfig:
+class DDPConfig(Section):
     """Megatron's DistributedDataParallel: gradient buffers and data-parallel communication."""
 
     # Reduce gradients bucket by bucket while the backward pass still runs (overlapped with
@@ -141,7 +188,7 @@ class DDPConfig:
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Section):
     # adam (AdamW: decoupled weight decay) or sgd, through Megatron's optimizer.
     name: str = "adam"
     # Peak learning rate (reached after scheduler.warmup_iters).
@@ -163,7 +210,7 @@ class OptimizerConfig:
 
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(Section):
     # Optimizer steps of linear warmup from 0 to optimizer.lr.
     warmup_iters: int = 0
     # constant | linear | cosine
@@ -173,7 +220,7 @@ class SchedulerConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     # Optimizer steps (set from data.num_epochs when that is given).
     train_iters: int = 100
     # Sequences (SFT) or packed bins per forward pass per data-parallel rank.
@@ -197,7 +244,7 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     # Training data: a Parquet/JSONL file, a directory of shards, or a glob. SFT records:
     # {"id", "messages": [{"role", "content"}, ...]}; preference records (TRL conversational):
     # {"id", "prompt": [messages], "chosen": [assistant message], "rejected": [...],
@@ -235,7 +282,7 @@ class DataConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(Section):
     # Preference loss: sigmoid (DPO) | ipo. Conservative DPO: sigmoid with label_smoothing > 0.
     type: str = "sigmoid"
     # DPO/IPO temperature beta: how far the policy may move from the reference (AvR: 0.1).
@@ -265,7 +312,7 @@ class LossConfig:
 
 
 @dataclass
-class LogpsConfig:
+class LogpsConfig(Section):
     # Where reference log-probs are written (`avr logps`) and read (loss.reference=precomputed);
     # None: next to data.train, as <data.train>.ref_logps/.
     path: Optional[str] = None
@@ -282,7 +329,7 @@ class LogpsConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     # None: <run.dir>/checkpoints.
     dir: Optional[str] = None
     # Save every N iterations (0: only at the end and on SIGTERM/SIGUSR1).
@@ -304,7 +351,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     # TensorBoard event files under <run.dir>/tensorboard.
     tensorboard: bool = True
     # Weights & Biases project (needs the `wandb` extra); None disables it.
@@ -320,7 +367,7 @@ class LoggingConfig:
 
 
 @dataclass
-class SynthEngineConfig:
+class SynthEngineConfig(Section):
     """One model for synthesis: the policy (chat) or the reward model."""
 
     # transformers (CPU and small runs) | vllm (vLLM engines in this process) | server (an already
@@ -371,7 +418,7 @@ class SynthEngineConfig:
 
 
 @dataclass
-class SynthFieldsConfig:
+class SynthFieldsConfig(Section):
     """Which source columns hold what. `prompt`: a string (one user turn) or a list of
     {role, content} messages ending with a user turn."""
 
@@ -392,7 +439,7 @@ class SynthFieldsConfig:
 
 
 @dataclass
-class SynthInputConfig:
+class SynthInputConfig(Section):
     # A JSONL/JSON or Parquet file, a directory of such files, a `save_to_disk` dataset
     # directory, or a hub dataset name (needs a reachable hub).
     path: Optional[str] = None
@@ -407,7 +454,7 @@ class SynthInputConfig:
 
 
 @dataclass
-class SynthSamplingConfig:
+class SynthSamplingConfig(Section):
     # The reference sampled criticisms and improvements at temperature 0.7, top_p 0.8.
     # Per-request seeds derive from run.seed and each request's key.
     temperature: float = 0.7
@@ -418,7 +465,7 @@ class SynthSamplingConfig:
 
 
 @dataclass
-class SynthStage1Config:
+class SynthStage1Config(Section):
     # Criticisms of y0, improvements per criticism (reference 2 x 2).
     k: int = 2
     # Improvements per criticism.
@@ -426,7 +473,7 @@ class SynthStage1Config:
 
 
 @dataclass
-class SynthStage2Config:
+class SynthStage2Config(Section):
     # Criticisms of the current best answer per round.
     k: int = 2
     # Improvements per criticism per round.
@@ -443,7 +490,7 @@ class SynthStage2Config:
 
 
 @dataclass
-class SynthThoughtsConfig:
+class SynthThoughtsConfig(Section):
     # `avr synth thoughts`: thoughts sampled per prompt from the thought-SFT model
     # (reference: 5 at temperature 0.7).
     num_samples: int = 5
@@ -462,7 +509,7 @@ class SynthThoughtsConfig:
 
 
 @dataclass
-class SynthFiltersConfig:
+class SynthFiltersConfig(Section):
     # Repetition filter: drop a text in which any word or digit/symbol run occurs this many times.
     repetition_threshold: int = 60
     # Length filter: drop an improvement that is >= this many characters longer than y0 and
@@ -478,7 +525,7 @@ class SynthFiltersConfig:
 
 
 @dataclass
-class SynthPairsConfig:
+class SynthPairsConfig(Section):
     # Stage-1 pair rules. reference (the authors' code, the paper's numbers): per prompt in order,
     # response pair, then the criticism conditions, then the improvement pair, each failed step
     # dropping what follows; criticisms grouped by text; ties as the reference breaks them.
@@ -492,7 +539,7 @@ class SynthPairsConfig:
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Section):
     # The chat model that answers, criticises and improves.
     policy: SynthEngineConfig = field(default_factory=lambda: SynthEngineConfig(
         gpu_memory_utilization=0.55, engine_args={"enable_prefix_caching": True}))
@@ -548,7 +595,7 @@ class SynthConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """`avr eval`: answers of a model on a prompt set, scored against a baseline model's answers
     with the reward model (synth.reward), optionally refined at test time."""
 
@@ -592,7 +639,7 @@ class EvalConfig:
 
 
 @dataclass
-class RoleEnvConfig:
+class RoleEnvConfig(Section):
     """Where the stages of one role run (avr_megatron/launch/roles.py)."""
 
     # The Python of this role's environment, as a command line (it may carry words, e.g.
@@ -607,7 +654,7 @@ class RoleEnvConfig:
 
 
 @dataclass
-class PipelineEnvsConfig:
+class PipelineEnvsConfig(Section):
     """One environment per role: synthesis (vLLM) and training (Megatron-Core + TE) cannot
     share one; `avr pipeline` itself runs in the launch environment (NeMo-Run)."""
 
@@ -620,7 +667,7 @@ class PipelineEnvsConfig:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Section):
     """`avr pipeline`: every AvR stage in order, in <run.dir>/stages/<stage>/ with a manifest."""
 
     # Which executor runs the stages: local (NeMo-Run LocalExecutor on this machine) | inline
@@ -645,7 +692,7 @@ class PipelineConfig:
 
 
 @dataclass
-class SlurmResourcesConfig:
+class SlurmResourcesConfig(Section):
     """Resources of one kind of task (synthesis, training or light CPU work) on Slurm."""
 
     # None: launch.slurm.partition.
@@ -665,7 +712,7 @@ class SlurmResourcesConfig:
 
 
 @dataclass
-class SlurmConfig:
+class SlurmConfig(Section):
     # Slurm account (--account) charged for the jobs.
     account: Optional[str] = None
     # Default partition of every task (each profile may set its own).
@@ -702,13 +749,13 @@ class SlurmConfig:
 
 
 @dataclass
-class LaunchConfig:
+class LaunchConfig(Section):
     # Slurm settings of `avr pipeline --executor slurm` (and pipeline.executor=slurm).
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
-class AvrConfig:
+class AvrConfig(Section):
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
