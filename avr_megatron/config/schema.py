@@ -96,7 +96,7 @@ class InitFromConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
-    # A name from avr_megatron.models.presets; keys set beside it override the preset.
+    # A name from avr_megatron.config.presets; keys set beside it override the preset.
     preset: Optional[str] = None
     # Initial weights of a training run (ignored when resuming from checkpoint.dir).
     init_from: InitFromConfig = field(default_factory=InitFromConfig)
