@@ -308,26 +308,18 @@ def _synth(cfg: AvrConfig) -> list[str]:
             errs.append(f"{key}={value} must be >= 1")
     if s.thoughts.num_samples == 1:
         errs.append("synth.thoughts.num_samples=1: a best-vs-worst pair needs at least 2 thoughts per prompt")
-    # The method's own checks (sampling, filters, prompt wording) with their messages.
-    from avr_megatron.method.filters import FilterConfig
+    # The method's own rules (sampling, filters, prompt wording), named by the recipe's keys.
+    from avr_megatron.method.filters import filter_problems
     from avr_megatron.method.prompts import PromptTemplates
-    from avr_megatron.method.requests import SamplingParams
+    from avr_megatron.method.requests import sampling_problems
 
-    f = s.filters
-    checks = (
-        (lambda: SamplingParams(s.sampling.temperature, s.sampling.top_p, s.sampling.max_tokens), "synth.sampling"),
-        (lambda: SamplingParams(s.thoughts.temperature, s.thoughts.top_p, s.thoughts.max_tokens), "synth.thoughts"),
-        (lambda: FilterConfig(f.repetition_threshold, f.length_extra_chars, f.length_ratio), "synth.filters"),
-        (lambda: PromptTemplates.from_dict(dict(s.templates), "synth.templates"), None),
-    )
-    for check, prefix in checks:
-        try:
-            check()
-        except ValueError as e:
-            msg = str(e)
-            if prefix is not None:
-                msg = msg.replace("sampling.", f"{prefix}.", 1).replace("filters.", f"{prefix}.", 1)
-            errs.append(msg)
+    errs += sampling_problems(dataclasses.asdict(s.sampling), "synth.sampling")
+    errs += sampling_problems(dataclasses.asdict(s.thoughts), "synth.thoughts")
+    errs += filter_problems(dataclasses.asdict(s.filters), "synth.filters")
+    try:
+        PromptTemplates.from_dict(dict(s.templates), "synth.templates")
+    except ValueError as e:
+        errs.append(str(e))
     return errs
 
 
@@ -355,13 +347,9 @@ def _eval(cfg: AvrConfig) -> list[str]:
         errs.append(f"eval.confidence={e.confidence} must be in (0, 1), e.g. 0.95")
     if e.tie_margin < 0:
         errs.append(f"eval.tie_margin={e.tie_margin} must be >= 0")
-    from avr_megatron.method.requests import SamplingParams
+    from avr_megatron.method.requests import sampling_problems
 
-    try:
-        SamplingParams(e.sampling.temperature, e.sampling.top_p, e.sampling.max_tokens)
-    except ValueError as exc:
-        errs.append(str(exc).replace("sampling.", "eval.sampling.", 1))
-    return errs
+    return errs + sampling_problems(dataclasses.asdict(e.sampling), "eval.sampling")
 
 
 @rule

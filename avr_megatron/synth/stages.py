@@ -40,18 +40,15 @@ def templates_of(cfg: AvrConfig) -> PromptTemplates:
 
 
 def filters_of(cfg: AvrConfig) -> FilterConfig:
-    f = cfg.synth.filters
-    return FilterConfig(f.repetition_threshold, f.length_extra_chars, f.length_ratio)
+    return FilterConfig.from_section(cfg.synth.filters, "synth.filters")
 
 
 def sampling_of(cfg: AvrConfig) -> SamplingParams:
-    s = cfg.synth.sampling
-    return SamplingParams(s.temperature, s.top_p, s.max_tokens, cfg.run.seed)
+    return SamplingParams.from_section(cfg.synth.sampling, cfg.run.seed, "synth.sampling")
 
 
 def thought_sampling_of(cfg: AvrConfig) -> SamplingParams:
-    t = cfg.synth.thoughts
-    return SamplingParams(t.temperature, t.top_p, t.max_tokens, cfg.run.seed)
+    return SamplingParams.from_section(cfg.synth.thoughts, cfg.run.seed, "synth.thoughts")
 
 
 def _messages_type():

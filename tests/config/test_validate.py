@@ -143,3 +143,29 @@ def test_transformer_engine_rules_from_machine_facts():
     with pytest.raises(ConfigError, match="fp8_recipe='mxfp8' on H100: mxfp8 needs a Blackwell"):
         use_te([*fp8, "precision.fp8_recipe=mxfp8"], True, h100)
     assert use_te([*fp8, "precision.fp8_recipe=mxfp8"], True, None)  # no GPU facts: not checked
+
+
+def test_sampling_and_filters_have_one_definition():
+    """The recipe's sampling/filter sections take their defaults and rules from the method's
+    SamplingParams / FilterConfig; errors name the recipe key without rewriting messages."""
+    import dataclasses
+
+    from avr_megatron.method.filters import FilterConfig
+    from avr_megatron.method.requests import SamplingParams
+    from avr_megatron.synth.stages import filters_of, sampling_of, thought_sampling_of
+
+    cfg = load_config(None, ["run.seed=7", "synth.thoughts.max_tokens=99"])
+    assert sampling_of(cfg) == SamplingParams(seed=7)
+    assert thought_sampling_of(cfg) == SamplingParams(0.7, 0.8, 99, 7)
+    assert filters_of(cfg) == FilterConfig()
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["synth.thoughts.top_p=0", "eval.sampling.max_tokens=0",
+                           "synth.filters.length_ratio=0", "synth.sampling.temperature=-1"])
+    for text in ("synth.thoughts.top_p: expected a number in (0, 1]",
+                 "eval.sampling.max_tokens: expected an integer >= 1",
+                 "synth.filters.length_ratio: expected a positive number",
+                 "synth.sampling.temperature: expected a number >= 0"):
+        assert text in str(e.value), str(e.value)
+    bad = dataclasses.replace(cfg.synth.thoughts, top_p=0)
+    with pytest.raises(ValueError, match=r"^synth\.thoughts\.top_p"):
+        SamplingParams.from_section(bad, 1, "synth.thoughts")
