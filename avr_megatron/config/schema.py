@@ -12,6 +12,11 @@ import copy
 from dataclasses import FrozenInstanceError, dataclass, field
 from typing import Any, Dict, List, Optional
 
+# The method core's own dataclasses hold these defaults (and their rules); the recipe sections
+# that carry the same values take the defaults from them (values reach them via from_section).
+from avr_megatron.method.filters import FilterConfig
+from avr_megatron.method.requests import SamplingParams
+
 _FROZEN = "_frozen_as"  # instance attribute: the section's dotted key, set by freeze()
 
 
@@ -96,7 +101,7 @@ class InitFromConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
-    # A name from avr_megatron.models.presets; keys set beside it override the preset.
+    # A name from avr_megatron.config.presets; keys set beside it override the preset.
     preset: Optional[str] = None
     # Initial weights of a training run (ignored when resuming from checkpoint.dir).
     init_from: InitFromConfig = field(default_factory=InitFromConfig)
@@ -457,11 +462,11 @@ class SynthInputConfig(Section):
 class SynthSamplingConfig(Section):
     # The reference sampled criticisms and improvements at temperature 0.7, top_p 0.8.
     # Per-request seeds derive from run.seed and each request's key.
-    temperature: float = 0.7
+    temperature: float = SamplingParams.temperature
     # Nucleus sampling probability mass.
-    top_p: float = 0.8
+    top_p: float = SamplingParams.top_p
     # Longest answer, criticism or improvement in tokens.
-    max_tokens: int = 2048
+    max_tokens: int = SamplingParams.max_tokens
 
 
 @dataclass
@@ -511,12 +516,12 @@ class SynthThoughtsConfig(Section):
 @dataclass
 class SynthFiltersConfig(Section):
     # Repetition filter: drop a text in which any word or digit/symbol run occurs this many times.
-    repetition_threshold: int = 60
+    repetition_threshold: int = FilterConfig.repetition_threshold
     # Length filter: drop an improvement that is >= this many characters longer than y0 and
     # >= length_ratio times as long.
-    length_extra_chars: int = 400
+    length_extra_chars: int = FilterConfig.length_extra_chars
     # Length filter: the ratio half of the rule (see length_extra_chars).
-    length_ratio: float = 1.2
+    length_ratio: float = FilterConfig.length_ratio
     # [reference] skip a thought SFT example whose first answer (y0) is degenerate; false keeps it.
     thought_sft_y0: bool = True
     # Beyond the reference: also apply the repetition filter to every section of thought SFT
