@@ -17,7 +17,7 @@ the reason) and the figures each produced.
     steps_te_fp8    the same in FP8 (hybrid, delayed scaling; the DPO reference in bf16)
     te_fp8_resume   FP8 SFT steps of a small model, save, resume in a fresh model: the FP8
                     scales come back (vetted extra state) and the next loss matches
-    fp8_rules       models.llama.fp8_device_problem against TE's own support checks; mxfp8 is
+    fp8_rules       config.validate.fp8_device_problem against TE's own support checks; mxfp8 is
                     refused on Hopper before any work
 
 `--cpu` runs the same script on a machine without a GPU with tiny shapes (the GPU/TE checks are
@@ -207,7 +207,8 @@ def _timed_steps(cfg, objective_name: str, use_te: bool, steps: int, seq: int, g
 
     from avr_megatron.models.llama import build_model, unwrap
     from avr_megatron.runtime.device import device
-    from avr_megatron.runtime.distributed import initialize, layout_for
+    from avr_megatron.config.layout import layout_for
+    from avr_megatron.runtime.distributed import initialize
     from avr_megatron.training.flops import forward_flops, peak_flops
     from avr_megatron.training.losses.common import SequenceLogprobs
     from avr_megatron.training.losses.preference import PreferenceObjective
@@ -432,7 +433,8 @@ def check_fp8_rules(ctx) -> dict:
     import torch
 
     from avr_megatron.config import ConfigError
-    from avr_megatron.models.llama import fp8_device_problem, uses_transformer_engine
+    from avr_megatron.config.validate import fp8_device_problem
+    from avr_megatron.models.llama import uses_transformer_engine
 
     try:
         from transformer_engine.pytorch import quantization as q

@@ -16,7 +16,7 @@ measured side by side in one run on the same tiny random models and the same pro
   real chat-model reply lengths, scaled down ~8x for 2 CPU cores) with EOS ignored, identical in
   both modes. Goal >= 1.3.
 
-Every mode uses per-request seeds, so the same requests give the same samples: the report says
+Each mode starts with empty prefix caches (modes share engines). Every mode uses per-request seeds, so the same requests give the same samples: the report says
 whether the trees (rows) came out identical. Times are wall clock after an engine warm-up; ratios
 are prompts/s over prompts/s. Prints a table, writes bench/results/synth_vllm.json.
 
@@ -110,6 +110,50 @@ def _texts(trees) -> list:
     return [list(walk(t["root"])) if t else None for t in trees]
 
 
+def compare_rows(a: list[dict], b: list[dict], tol: float = 1e-4) -> dict:
+    """Rows of two runs compared field by field: texts (every string in the row and its tree) and
+    float rewards separately, so batch-dependent float noise in reward scores is told apart from
+    different samples. A row counts as `texts_identical` when every non-float field is equal, and
+    `rewards_within_tol` when, on top, every float differs by at most `tol`."""
+
+    def split(value, path, texts, floats):
+        if isinstance(value, float):
+            floats[path] = value
+        elif isinstance(value, dict):
+            for k in sorted(value):
+                split(value[k], f"{path}.{k}", texts, floats)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                split(v, f"{path}[{i}]", texts, floats)
+        elif isinstance(value, str) and path.endswith(".tree"):
+            split(json.loads(value), path, texts, floats)
+        else:
+            texts[path] = value
+
+    out = {"rows": [len(a), len(b)], "identical": 0, "texts_identical": 0, "rewards_within_tol": 0,
+           "tolerance": tol, "max_abs_reward_diff": 0.0, "differing_fields": []}
+    by_id = {r["prompt_id"]: r for r in b}
+    for ra in a:
+        rb = by_id.get(ra["prompt_id"])
+        if rb is None:
+            out["differing_fields"].append(f"{ra['prompt_id']}: missing")
+            continue
+        out["identical"] += ra == rb
+        ta, fa, tb, fb = {}, {}, {}, {}
+        split(ra, "", ta, fa)
+        split(rb, "", tb, fb)
+        if ta != tb or fa.keys() != fb.keys():
+            diff = sorted(k for k in ta.keys() | tb.keys() if ta.get(k) != tb.get(k))
+            out["differing_fields"].append(f"{ra['prompt_id']}: {diff[:3]}")
+            continue
+        out["texts_identical"] += 1
+        worst = max((abs(fa[k] - fb[k]) for k in fa), default=0.0)
+        out["max_abs_reward_diff"] = max(out["max_abs_reward_diff"], worst)
+        out["rewards_within_tol"] += worst <= tol
+    out["differing_fields"] = out["differing_fields"][:10]
+    return out
+
+
 def _serve(cfg, role: str, log: Path):
     """The server `avr synth serve --role ROLE` would start, on a free port."""
     from avr_megatron.engines.serve import serve_command
@@ -117,6 +161,13 @@ def _serve(cfg, role: str, log: Path):
 
     port = vllm_server.free_port()
     return vllm_server.start(serve_command(cfg, role, port=port), log, port)
+
+
+def _cold(chat, reward):
+    """Empty both engines' prefix caches, so that no mode reuses the prompts an earlier mode
+    computed (the second of two modes on the same engines would otherwise start warm)."""
+    chat.reset_prefix_cache()
+    reward.reset_prefix_cache()
 
 
 def _warm(chat, reward):
@@ -139,7 +190,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=64, help="client threads of the reference approach")
     ap.add_argument("--chunk-size", type=int, default=16, help="async_vs_barrier: prompts per chunk")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: sequential,reference,async")
+    ap.add_argument("--dump-rows", default="", help="write the barrier and async rows (JSON) here, to diff them")
+    ap.add_argument("--note", default="", help="recorded in the JSON (e.g. that the machine was shared)")
     args = ap.parse_args()
+    load_before = list(os.getloadavg())
     skip = set(filter(None, args.skip.split(",")))
 
     from avr_megatron.config import load_config
@@ -191,6 +245,7 @@ def main() -> None:
                 if mode in skip:
                     continue
                 machines = stage1_machines(records, provenance, templates, args.k, args.m)
+                _cold(chat, reward)
                 before = chat.stats["generated_tokens"]
                 start = time.perf_counter()
                 if mode == "frontier":
@@ -250,6 +305,7 @@ def main() -> None:
                     run_cfg = load_config(None, [*base, "synth.sampling.max_tokens=256",
                                                  f"synth.chunk_size={args.chunk_size}", f"synth.scheduling={mode}",
                                                  f"synth.output_dir={tmp / mode}"])
+                    _cold(chat, reward)
                     before = chat.stats["generated_tokens"]
                     start = time.perf_counter()
                     report = run_stage("stage1", run_cfg, engines=(chat, reward))
@@ -289,11 +345,18 @@ def main() -> None:
                                     "reference_server_vs_frontier": same("reference_server", "frontier")},
         "async_vs_barrier_setup": {"chunk_size": args.chunk_size, "chunks_in_flight": 2, "y0": "sampled",
                                    "lengths": spread.describe()},
-        "how": "wall clock of each mode after an engine warm-up, one process, modes back to back; ratio = "
-               "prompts/s of the first mode over prompts/s of the second",
+        "how": "wall clock of each mode after an engine warm-up and with empty prefix caches, one process, modes "
+               "back to back; ratio = prompts/s of the first mode over prompts/s of the second. engine_calls of "
+               "async = requests submitted one by one (vLLM batches what is in flight itself)",
+        "environment": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                        "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
+                        "note": args.note},
     }
     if "async" in results:
         report["identical_rows_async_vs_barrier"] = rows["async"] == rows["barrier"]
+        report["rows_async_vs_barrier"] = compare_rows(rows["barrier"], rows["async"])
+        if args.dump_rows:
+            Path(args.dump_rows).write_text(json.dumps(rows, default=str))
     rows_out = [{"mode": k, **{c: v.get(c) for c in ("engine", "seconds", "prompts_per_s", "engine_calls",
                                                      "generated_tokens_per_s")}} for k, v in results.items()]
     print(table(rows_out, ["mode", "seconds", "prompts_per_s", "engine_calls", "generated_tokens_per_s", "engine"]))
@@ -303,6 +366,7 @@ def main() -> None:
         print(f"{name} = {value}  (goal >= {goal}: {verdict})")
     print("identical trees:", json.dumps(report["identical_tree_fraction"]),
           "async rows == barrier rows:", report.get("identical_rows_async_vs_barrier"))
+    print("async vs barrier rows:", json.dumps(report.get("rows_async_vs_barrier")))
     write("synth_vllm", report)
 
 

@@ -17,7 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from avr_megatron.config.errors import ConfigError
 from avr_megatron.config.schema import AvrConfig
-from avr_megatron.models.presets import PRESETS
+from avr_megatron.config.presets import PRESETS
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:

@@ -8,12 +8,64 @@ merged onto it, and `avr_megatron.config.validate` checks cross-key rules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import FrozenInstanceError, dataclass, field
 from typing import Any, Dict, List, Optional
+
+# The method core's own dataclasses hold these defaults (and their rules); the recipe sections
+# that carry the same values take the defaults from them (values reach them via from_section).
+from avr_megatron.method.filters import FilterConfig
+from avr_megatron.method.requests import SamplingParams
+
+_FROZEN = "_frozen_as"  # instance attribute: the section's dotted key, set by freeze()
+
+
+class Section:
+    """Base of every config section. config/resolve.py freezes the resolved run config: an
+    assignment then raises FrozenInstanceError naming the key. A deepcopy (or
+    dataclasses.replace) of a frozen section is a new, writable one."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        where = self.__dict__.get(_FROZEN)
+        if where is not None:
+            raise FrozenInstanceError(
+                f"cannot set {where + '.' if where else ''}{name}: the resolved config is "
+                "read-only (config/resolve.py settles every value before setup)")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self.__dict__.get(_FROZEN) is not None:
+            raise FrozenInstanceError(f"cannot delete {name}: the resolved config is read-only")
+        object.__delattr__(self, name)
+
+    def __deepcopy__(self, memo: dict) -> "Section":
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k != _FROZEN:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+
+def freeze(section: Section, where: str = "") -> Section:
+    """Make `section` and every section below it (also inside lists and dicts) read-only."""
+    section.__dict__[_FROZEN] = where
+    for k, v in section.__dict__.items():
+        key = f"{where}.{k}" if where else k
+        values = (v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple))
+                  else [v])
+        for item in values:
+            if isinstance(item, Section):
+                freeze(item, key)
+    return section
+
+
+def is_frozen(section: Section) -> bool:
+    return section.__dict__.get(_FROZEN) is not None
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     # Where a command reads its inputs and writes its outputs; the resolved config goes there too.
     dir: str = "runs/default"
     # Run name shown in logs, TensorBoard and W&B.
@@ -23,7 +75,7 @@ class RunConfig:
 
 
 @dataclass
-class RopeScalingConfig:
+class RopeScalingConfig(Section):
     # None (no scaling) or "llama3" (Llama-3.1/3.2 frequency remapping).
     type: Optional[str] = None
     # Llama-3 scaling: how much the low frequencies are divided by.
@@ -37,7 +89,7 @@ class RopeScalingConfig:
 
 
 @dataclass
-class InitFromConfig:
+class InitFromConfig(Section):
     """Where a model's initial weights come from: at most one of the two; neither means random
     initialisation from run.seed (tests, smoke runs)."""
 
@@ -48,8 +100,8 @@ class InitFromConfig:
 
 
 @dataclass
-class ModelConfig:
-    # A name from avr_megatron.models.presets; keys set beside it override the preset.
+class ModelConfig(Section):
+    # A name from avr_megatron.config.presets; keys set beside it override the preset.
     preset: Optional[str] = None
     # Initial weights of a training run (ignored when resuming from checkpoint.dir).
     init_from: InitFromConfig = field(default_factory=InitFromConfig)
@@ -96,7 +148,7 @@ class ModelConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Section):
     """How the model is split over GPUs. The data-parallel size is what remains of the world
     size: world / (tensor x pipeline x context parallel sizes)."""
 
@@ -113,7 +165,7 @@ class ParallelConfig:
 
 
 @dataclass
-class PrecisionConfig:
+class PrecisionConfig(Section):
     # bf16 parameters and activations (Float16Module); fp32 master weights in the optimizer.
     bf16: bool = False
     # FP8 through Transformer Engine: None | e4m3 | hybrid.
@@ -129,7 +181,7 @@ class PrecisionConfig:
 
 
 @dataclass
-class DDPConfig:
+class DDPConfig(Section):
     """Megatron's DistributedDataParallel: gradient buffers and data-parallel communication."""
 
     # Reduce gradients bucket by bucket while the backward pass still runs (overlapped with
@@ -141,7 +193,7 @@ class DDPConfig:
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Section):
     # adam (AdamW: decoupled weight decay) or sgd, through Megatron's optimizer.
     name: str = "adam"
     # Peak learning rate (reached after scheduler.warmup_iters).
@@ -163,7 +215,7 @@ class OptimizerConfig:
 
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(Section):
     # Optimizer steps of linear warmup from 0 to optimizer.lr.
     warmup_iters: int = 0
     # constant | linear | cosine
@@ -173,7 +225,7 @@ class SchedulerConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     # Optimizer steps (set from data.num_epochs when that is given).
     train_iters: int = 100
     # Sequences (SFT) or packed bins per forward pass per data-parallel rank.
@@ -197,7 +249,7 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     # Training data: a Parquet/JSONL file, a directory of shards, or a glob. SFT records:
     # {"id", "messages": [{"role", "content"}, ...]}; preference records (TRL conversational):
     # {"id", "prompt": [messages], "chosen": [assistant message], "rejected": [...],
@@ -235,7 +287,7 @@ class DataConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(Section):
     # Preference loss: sigmoid (DPO) | ipo. Conservative DPO: sigmoid with label_smoothing > 0.
     type: str = "sigmoid"
     # DPO/IPO temperature beta: how far the policy may move from the reference (AvR: 0.1).
@@ -265,7 +317,7 @@ class LossConfig:
 
 
 @dataclass
-class LogpsConfig:
+class LogpsConfig(Section):
     # Where reference log-probs are written (`avr logps`) and read (loss.reference=precomputed);
     # None: next to data.train, as <data.train>.ref_logps/.
     path: Optional[str] = None
@@ -282,7 +334,7 @@ class LogpsConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     # None: <run.dir>/checkpoints.
     dir: Optional[str] = None
     # Save every N iterations (0: only at the end and on SIGTERM/SIGUSR1).
@@ -304,7 +356,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     # TensorBoard event files under <run.dir>/tensorboard.
     tensorboard: bool = True
     # Weights & Biases project (needs the `wandb` extra); None disables it.
@@ -320,7 +372,7 @@ class LoggingConfig:
 
 
 @dataclass
-class SynthEngineConfig:
+class SynthEngineConfig(Section):
     """One model for synthesis: the policy (chat) or the reward model."""
 
     # transformers (CPU and small runs) | vllm (vLLM engines in this process) | server (an already
@@ -371,7 +423,7 @@ class SynthEngineConfig:
 
 
 @dataclass
-class SynthFieldsConfig:
+class SynthFieldsConfig(Section):
     """Which source columns hold what. `prompt`: a string (one user turn) or a list of
     {role, content} messages ending with a user turn."""
 
@@ -392,7 +444,7 @@ class SynthFieldsConfig:
 
 
 @dataclass
-class SynthInputConfig:
+class SynthInputConfig(Section):
     # A JSONL/JSON or Parquet file, a directory of such files, a `save_to_disk` dataset
     # directory, or a hub dataset name (needs a reachable hub).
     path: Optional[str] = None
@@ -407,18 +459,18 @@ class SynthInputConfig:
 
 
 @dataclass
-class SynthSamplingConfig:
+class SynthSamplingConfig(Section):
     # The reference sampled criticisms and improvements at temperature 0.7, top_p 0.8.
     # Per-request seeds derive from run.seed and each request's key.
-    temperature: float = 0.7
+    temperature: float = SamplingParams.temperature
     # Nucleus sampling probability mass.
-    top_p: float = 0.8
+    top_p: float = SamplingParams.top_p
     # Longest answer, criticism or improvement in tokens.
-    max_tokens: int = 2048
+    max_tokens: int = SamplingParams.max_tokens
 
 
 @dataclass
-class SynthStage1Config:
+class SynthStage1Config(Section):
     # Criticisms of y0, improvements per criticism (reference 2 x 2).
     k: int = 2
     # Improvements per criticism.
@@ -426,7 +478,7 @@ class SynthStage1Config:
 
 
 @dataclass
-class SynthStage2Config:
+class SynthStage2Config(Section):
     # Criticisms of the current best answer per round.
     k: int = 2
     # Improvements per criticism per round.
@@ -443,7 +495,7 @@ class SynthStage2Config:
 
 
 @dataclass
-class SynthThoughtsConfig:
+class SynthThoughtsConfig(Section):
     # `avr synth thoughts`: thoughts sampled per prompt from the thought-SFT model
     # (reference: 5 at temperature 0.7).
     num_samples: int = 5
@@ -462,14 +514,14 @@ class SynthThoughtsConfig:
 
 
 @dataclass
-class SynthFiltersConfig:
+class SynthFiltersConfig(Section):
     # Repetition filter: drop a text in which any word or digit/symbol run occurs this many times.
-    repetition_threshold: int = 60
+    repetition_threshold: int = FilterConfig.repetition_threshold
     # Length filter: drop an improvement that is >= this many characters longer than y0 and
     # >= length_ratio times as long.
-    length_extra_chars: int = 400
+    length_extra_chars: int = FilterConfig.length_extra_chars
     # Length filter: the ratio half of the rule (see length_extra_chars).
-    length_ratio: float = 1.2
+    length_ratio: float = FilterConfig.length_ratio
     # [reference] skip a thought SFT example whose first answer (y0) is degenerate; false keeps it.
     thought_sft_y0: bool = True
     # Beyond the reference: also apply the repetition filter to every section of thought SFT
@@ -478,7 +530,7 @@ class SynthFiltersConfig:
 
 
 @dataclass
-class SynthPairsConfig:
+class SynthPairsConfig(Section):
     # Stage-1 pair rules. reference (the authors' code, the paper's numbers): per prompt in order,
     # response pair, then the criticism conditions, then the improvement pair, each failed step
     # dropping what follows; criticisms grouped by text; ties as the reference breaks them.
@@ -492,7 +544,7 @@ class SynthPairsConfig:
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Section):
     # The chat model that answers, criticises and improves.
     policy: SynthEngineConfig = field(default_factory=lambda: SynthEngineConfig(
         gpu_memory_utilization=0.55, engine_args={"enable_prefix_caching": True}))
@@ -548,7 +600,7 @@ class SynthConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """`avr eval`: answers of a model on a prompt set, scored against a baseline model's answers
     with the reward model (synth.reward), optionally refined at test time."""
 
@@ -592,7 +644,7 @@ class EvalConfig:
 
 
 @dataclass
-class RoleEnvConfig:
+class RoleEnvConfig(Section):
     """Where the stages of one role run (avr_megatron/launch/roles.py)."""
 
     # The Python of this role's environment, as a command line (it may carry words, e.g.
@@ -607,7 +659,7 @@ class RoleEnvConfig:
 
 
 @dataclass
-class PipelineEnvsConfig:
+class PipelineEnvsConfig(Section):
     """One environment per role: synthesis (vLLM) and training (Megatron-Core + TE) cannot
     share one; `avr pipeline` itself runs in the launch environment (NeMo-Run)."""
 
@@ -620,7 +672,7 @@ class PipelineEnvsConfig:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Section):
     """`avr pipeline`: every AvR stage in order, in <run.dir>/stages/<stage>/ with a manifest."""
 
     # Which executor runs the stages: local (NeMo-Run LocalExecutor on this machine) | inline
@@ -645,7 +697,7 @@ class PipelineConfig:
 
 
 @dataclass
-class SlurmResourcesConfig:
+class SlurmResourcesConfig(Section):
     """Resources of one kind of task (synthesis, training or light CPU work) on Slurm."""
 
     # None: launch.slurm.partition.
@@ -665,7 +717,7 @@ class SlurmResourcesConfig:
 
 
 @dataclass
-class SlurmConfig:
+class SlurmConfig(Section):
     # Slurm account (--account) charged for the jobs.
     account: Optional[str] = None
     # Default partition of every task (each profile may set its own).
@@ -702,13 +754,13 @@ class SlurmConfig:
 
 
 @dataclass
-class LaunchConfig:
+class LaunchConfig(Section):
     # Slurm settings of `avr pipeline --executor slurm` (and pipeline.executor=slurm).
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
-class AvrConfig:
+class AvrConfig(Section):
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

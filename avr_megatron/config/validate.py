@@ -1,8 +1,9 @@
 """Cross-key rules checked when a recipe is loaded, before any work starts.
 
 Each rule returns a list of messages that name the offending keys; all failures are reported at
-once. Rules that depend on the machine (is Transformer Engine importable?) or on the world size
-live where those are known (model builder, runtime init).
+once. Rules that depend on the machine (is Transformer Engine usable? which GPU?) are here too
+(`resolve_transformer_impl`, `fp8_device_problem`): the model builder gathers the machine's facts
+and asks them. Rules that need the world size are config/layout.py's.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from avr_megatron.config.errors import ConfigError
+from avr_megatron.config.layout import (batch_error, microbatch_errors, model_parallel_size,
+                                        world_error)
 from avr_megatron.config.schema import AvrConfig
 
 Rule = Callable[[AvrConfig], list[str]]
@@ -163,9 +166,8 @@ def _training(cfg: AvrConfig) -> list[str]:
                 "log_interval"):
         if getattr(t, key) < 1:
             errs.append(f"train.{key}={getattr(t, key)} must be >= 1")
-    if t.global_batch_size % max(t.micro_batch_size, 1):
-        errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                    f"train.micro_batch_size={t.micro_batch_size}")
+    if t.micro_batch_size >= 1 and (err := batch_error(t)):
+        errs.append(err)
     if sch.warmup_iters < 0:
         errs.append(f"scheduler.warmup_iters={sch.warmup_iters} must be >= 0")
     if t.seq_length > cfg.model.max_position_embeddings:
@@ -306,26 +308,18 @@ def _synth(cfg: AvrConfig) -> list[str]:
             errs.append(f"{key}={value} must be >= 1")
     if s.thoughts.num_samples == 1:
         errs.append("synth.thoughts.num_samples=1: a best-vs-worst pair needs at least 2 thoughts per prompt")
-    # The method's own checks (sampling, filters, prompt wording) with their messages.
-    from avr_megatron.method.filters import FilterConfig
+    # The method's own rules (sampling, filters, prompt wording), named by the recipe's keys.
+    from avr_megatron.method.filters import filter_problems
     from avr_megatron.method.prompts import PromptTemplates
-    from avr_megatron.method.requests import SamplingParams
+    from avr_megatron.method.requests import sampling_problems
 
-    f = s.filters
-    checks = (
-        (lambda: SamplingParams(s.sampling.temperature, s.sampling.top_p, s.sampling.max_tokens), "synth.sampling"),
-        (lambda: SamplingParams(s.thoughts.temperature, s.thoughts.top_p, s.thoughts.max_tokens), "synth.thoughts"),
-        (lambda: FilterConfig(f.repetition_threshold, f.length_extra_chars, f.length_ratio), "synth.filters"),
-        (lambda: PromptTemplates.from_dict(dict(s.templates), "synth.templates"), None),
-    )
-    for check, prefix in checks:
-        try:
-            check()
-        except ValueError as e:
-            msg = str(e)
-            if prefix is not None:
-                msg = msg.replace("sampling.", f"{prefix}.", 1).replace("filters.", f"{prefix}.", 1)
-            errs.append(msg)
+    errs += sampling_problems(dataclasses.asdict(s.sampling), "synth.sampling")
+    errs += sampling_problems(dataclasses.asdict(s.thoughts), "synth.thoughts")
+    errs += filter_problems(dataclasses.asdict(s.filters), "synth.filters")
+    try:
+        PromptTemplates.from_dict(dict(s.templates), "synth.templates")
+    except ValueError as e:
+        errs.append(str(e))
     return errs
 
 
@@ -353,13 +347,9 @@ def _eval(cfg: AvrConfig) -> list[str]:
         errs.append(f"eval.confidence={e.confidence} must be in (0, 1), e.g. 0.95")
     if e.tie_margin < 0:
         errs.append(f"eval.tie_margin={e.tie_margin} must be >= 0")
-    from avr_megatron.method.requests import SamplingParams
+    from avr_megatron.method.requests import sampling_problems
 
-    try:
-        SamplingParams(e.sampling.temperature, e.sampling.top_p, e.sampling.max_tokens)
-    except ValueError as exc:
-        errs.append(str(exc).replace("sampling.", "eval.sampling.", 1))
-    return errs
+    return errs + sampling_problems(dataclasses.asdict(e.sampling), "eval.sampling")
 
 
 @rule
@@ -442,21 +432,15 @@ def _launch_slurm(cfg: AvrConfig) -> list[str]:
     if errs or cfg.pipeline.executor != "slurm":
         return errs
     # Layout checks that need the world size, which launch.slurm.train fixes on Slurm.
-    p, t = cfg.parallel, cfg.train
-    world, model = _slurm_world(s.train), (p.tensor_model_parallel_size *
-                                           p.pipeline_model_parallel_size * p.context_parallel_size)
-    if model >= 1 and world % model:
-        errs.append(f"launch.slurm.train gives {world} processes ({s.train.nodes} node(s) x "
-                    f"{world // s.train.nodes} per node), not divisible by TP x PP x CP = {model} "
-                    "(parallel.*_parallel_size)")
-    elif model >= 1 and t.micro_batch_size >= 1:
-        dp = world // model
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                        f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
-                        f"(launch.slurm.train: {world} processes / TP x PP x CP = {model})")
-        else:
-            errs += interleaving_microbatches(cfg, dp)
+    world, model = _slurm_world(s.train), model_parallel_size(cfg.parallel)
+    if model >= 1:  # else the parallel sizes' own rule reports it
+        err = world_error(cfg.parallel, world, f"launch.slurm.train gives {world} processes "
+                          f"({s.train.nodes} node(s) x {world // s.train.nodes} per node)")
+        if err:
+            errs.append(err)
+        elif cfg.train.micro_batch_size >= 1:
+            errs += microbatch_errors(cfg, world // model, f" (launch.slurm.train: {world} "
+                                      f"processes / TP x PP x CP = {model})")
     for role in ("policy", "reward"):
         e = getattr(cfg.synth, role)
         if e.backend == "vllm" and s.synth.gpus_per_node and \
@@ -488,20 +472,6 @@ def _non_finite_floats(node: Any, prefix: str = "") -> list[str]:
     return errs
 
 
-def interleaving_microbatches(cfg: AvrConfig, dp: int) -> list[str]:
-    """Megatron's interleaved schedule needs the microbatches of a step (per data-parallel
-    rank) to be a multiple of the pipeline size (and so at least it)."""
-    p, t = cfg.parallel, cfg.train
-    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
-    n = t.global_batch_size // (t.micro_batch_size * dp)
-    if vpp is None or pp < 2 or n % pp == 0:
-        return []
-    return [f"interleaved pipelining (parallel.virtual_pipeline_model_parallel_size={vpp}) "
-            f"needs the microbatches per step, train.global_batch_size / (train.micro_batch_size "
-            f"x data-parallel size {dp}) = {n}, to be a multiple of "
-            f"parallel.pipeline_model_parallel_size={pp}"]
-
-
 def validate_config(cfg: AvrConfig) -> AvrConfig:
     # Non-finite floats first and alone: with a NaN or inf in play, range rules that compare two
     # keys would name the wrong one.
@@ -509,3 +479,66 @@ def validate_config(cfg: AvrConfig) -> AvrConfig:
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return cfg
+
+
+class GpuFacts(NamedTuple):
+    """What the FP8 rules need to know about this machine's GPU."""
+    capability: tuple[int, int]
+    cuda_version: str | None
+    name: str
+
+
+def resolve_transformer_impl(cfg: AvrConfig, *, te_usable: bool, te_reason: str,
+                             gpu: GpuFacts | None = None) -> bool:
+    """Whether the model uses Transformer Engine, from model.transformer_impl (auto |
+    transformer_engine | local) and whether TE is usable here (`te_reason` says why not); a
+    ConfigError when a setting needs TE (FP8, context or sequence parallelism) without it, or
+    this GPU (None: no GPU) cannot run the FP8 recipe."""
+    impl = cfg.model.transformer_impl
+    if impl == "local":
+        use_te = False
+    elif impl == "transformer_engine":
+        if not te_usable:
+            raise ConfigError(f"model.transformer_impl='transformer_engine' but {te_reason}")
+        use_te = True
+    else:
+        use_te = te_usable
+    pr, p = cfg.precision, cfg.parallel
+    if pr.fp8 is not None and not use_te:
+        raise ConfigError(f"precision.fp8={pr.fp8!r} needs Transformer Engine, but "
+                          f"{'model.transformer_impl=local' if impl == 'local' else te_reason}")
+    if p.context_parallel_size > 1 and not use_te:
+        raise ConfigError("parallel.context_parallel_size > 1 needs Transformer Engine attention "
+                          f"({te_reason})")
+    if p.sequence_parallel and not use_te:
+        raise ConfigError("parallel.sequence_parallel=true needs Transformer Engine norms "
+                          f"({te_reason})")
+    if pr.fp8 is not None and gpu is not None:
+        problem = fp8_device_problem(pr.fp8_recipe, gpu.capability, gpu.cuda_version)
+        if problem:
+            raise ConfigError(f"precision.fp8={pr.fp8!r} with precision.fp8_recipe="
+                              f"{pr.fp8_recipe!r} on {gpu.name}: {problem}")
+    return use_te
+
+
+def fp8_device_problem(fp8_recipe: str, capability: tuple[int, int],
+                       cuda_version: str | None) -> str | None:
+    """Why this GPU cannot run the FP8 recipe, or None. The device rules of Transformer Engine
+    2.20 (transformer_engine/pytorch/quantization.py `_compute_*_support`), checked (through
+    resolve_transformer_impl) when the model is configured on the GPU itself, before any data or
+    weights are loaded: a recipe is loaded on login nodes without a GPU, so load_config cannot."""
+    cc = tuple(capability)
+    cuda = tuple(int(x) for x in (cuda_version or "0.0").split(".")[:2])
+    cc_text = f"compute capability {cc[0]}.{cc[1]}"
+    if cc < (8, 9):
+        return f"FP8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell); this GPU has {cc_text}"
+    if fp8_recipe == "mxfp8" and not (10, 0) <= cc < (12, 0):
+        return (f"mxfp8 needs a Blackwell data-centre GPU (compute capability 10.x; TE has no "
+                f"MXFP8 GEMMs before 10.0 or on 12.x); this GPU has {cc_text}: use delayed, "
+                "tensorwise or blockwise")
+    if fp8_recipe == "blockwise" and (cc < (9, 0) or cuda < (12, 9)):
+        return (f"blockwise FP8 needs compute capability >= 9.0 and CUDA >= 12.9; this GPU has "
+                f"{cc_text}, torch is built for CUDA {cuda_version}")
+    if cc < (9, 0) and cuda < (12, 1):
+        return f"FP8 on Ada ({cc_text}) needs CUDA >= 12.1; torch is built for CUDA {cuda_version}"
+    return None

@@ -1,7 +1,8 @@
-"""The one exception every conversion failure raises: bad input, unsupported model, bad flags."""
+"""The one exception every conversion failure raises: bad input, unsupported model, bad flags.
+Defined in config/errors.py (the torch-free HF config.json reader raises it too)."""
 
 from __future__ import annotations
 
+from avr_megatron.config.errors import ConversionError
 
-class ConversionError(RuntimeError):
-    """A conversion cannot proceed; the message names the file, tensor or config field."""
+__all__ = ["ConversionError"]

@@ -30,19 +30,13 @@ from avr_megatron.checkpoint.dist_ckpt import (
     write_latest,
 )
 from avr_megatron.config import AvrConfig, save_config
+from avr_megatron.config.hf_model import model_config_from_hf, read_hf_config
 from avr_megatron.config.schema import ModelConfig
 from avr_megatron.conversion import dist_io
 from avr_megatron.conversion.assets import copy_assets, has_tokenizer
 from avr_megatron.conversion.atomic import atomic_output, check_target
 from avr_megatron.conversion.errors import ConversionError
-from avr_megatron.conversion.hf_config import (
-    DTYPE_NAMES,
-    avr_config_for,
-    check_layout,
-    hf_dtype,
-    model_config_from_hf,
-    read_hf_config,
-)
+from avr_megatron.conversion.hf_config import DTYPE_NAMES, avr_config_for, check_layout, hf_dtype
 from avr_megatron.conversion.hf_weights import HFWeights
 from avr_megatron.conversion.mapping import (
     IGNORED_HF,

@@ -80,6 +80,9 @@ class AsyncVllmChatEngine(VllmChatEngine):
     def close(self) -> None:
         _close(self._loop, self.engine)
 
+    def reset_prefix_cache(self) -> None:
+        self._loop.submit(self.engine.reset_prefix_cache()).result()
+
     def submit(self, request: GenerateRequest) -> Future:
         """A future of the request's n reply texts."""
         return self._loop.submit(self._texts(request))
@@ -118,6 +121,9 @@ class AsyncVllmRewardEngine(VllmRewardEngine):
 
     def close(self) -> None:
         _close(self._loop, self.engine)
+
+    def reset_prefix_cache(self) -> None:
+        self._loop.submit(self.engine.reset_prefix_cache()).result()
 
     def submit(self, request: ScoreRequest) -> Future:
         """A future of the request's raw reward."""

@@ -44,6 +44,10 @@ class VllmChatEngine:
     def close(self) -> None:
         _shutdown(self.llm)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prompt prefixes (benchmarks: each measured mode starts cold)."""
+        self.llm.reset_prefix_cache()
+
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[str]]:
         # Decoded here, like the transformers backend, not by vLLM's incremental detokenizer
         # (which holds back incomplete UTF-8 at the end): both backends give the same text for
@@ -119,6 +123,10 @@ class VllmRewardEngine:
     def close(self) -> None:
         _shutdown(self.llm)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prompt prefixes (benchmarks: each measured mode starts cold)."""
+        self.llm.reset_prefix_cache()
+
     def _prepare(self, r: ScoreRequest) -> Any:
         from vllm.inputs import TokensPrompt
 
@@ -186,7 +194,10 @@ def _eos_ids(tokenizer: Any, model_config: Any) -> set[int]:
 
 
 def _shutdown(llm: Any) -> None:
+    """Stop `vllm.LLM`'s engine-core processes now. vLLM 0.32's LLMEngine has no shutdown of its own
+    (only its engine-core client has), and leaving the processes to garbage collection kept a
+    benchmark process hanging at exit for minutes while a reference to the engine lived on."""
     engine = getattr(llm, "llm_engine", None)
-    shutdown = getattr(engine, "shutdown", None)
+    shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
     if callable(shutdown):
         shutdown()

@@ -87,8 +87,7 @@ def _prompts(cfg: AvrConfig) -> LoadedInput:
 
 
 def _sampling(cfg: AvrConfig) -> SamplingParams:
-    s = cfg.eval.sampling
-    return SamplingParams(s.temperature, s.top_p, s.max_tokens, cfg.run.seed)
+    return SamplingParams.from_section(cfg.eval.sampling, cfg.run.seed, "eval.sampling")
 
 
 def _templates(cfg: AvrConfig) -> PromptTemplates:

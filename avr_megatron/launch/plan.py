@@ -17,36 +17,26 @@ import os
 import sys
 
 from avr_megatron.config import AvrConfig, ConfigError, load_config
+from avr_megatron.config.layout import layout_for, microbatches_per_step
 from avr_megatron.config.placeholders import (SECTIONS_OF_COMMAND, find_placeholders,
                                               placeholder_message)
 
 
 def describe(cfg: AvrConfig, world_size: int) -> str:
     p, t = cfg.parallel, cfg.train
-    tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                  p.context_parallel_size)
-    model_parallel = tp * pp * cp
-    if world_size < 1 or world_size % model_parallel:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size={tp}"
-            f" x parallel.pipeline_model_parallel_size={pp} x parallel.context_parallel_size={cp}"
-            f" = {model_parallel}")
-    dp = world_size // model_parallel
+    layout = layout_for(cfg, world_size)
     ckpt = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
     lines = [
         f"run.dir: {os.path.abspath(cfg.run.dir)}",
         f"checkpoint.dir: {os.path.abspath(ckpt)}",
         f"model: preset={cfg.model.preset} layers={cfg.model.num_layers} "
         f"hidden={cfg.model.hidden_size}",
-        f"layout: world={world_size} TP={tp} PP={pp} VPP={p.virtual_pipeline_model_parallel_size}"
-        f" CP={cp} DP={dp} sequence_parallel={p.sequence_parallel}",
+        f"layout: world={world_size} TP={layout.tp} PP={layout.pp} VPP={layout.vpp}"
+        f" CP={layout.cp} DP={layout.dp} sequence_parallel={p.sequence_parallel}",
         f"batch: global={t.global_batch_size} micro={t.micro_batch_size} "
         f"seq_length={t.seq_length} train_iters={t.train_iters}",
     ]
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+    microbatches_per_step(cfg, layout.dp)
     return "\n".join(lines)
 
 

@@ -35,13 +35,9 @@ class FilterConfig:
     length_ratio: float = 1.2
 
     def __post_init__(self) -> None:
-        for name in ("repetition_threshold", "length_extra_chars"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"filters.{name}: expected an integer >= 1, got {value!r}")
-        ratio = self.length_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
-            raise ValueError(f"filters.length_ratio: expected a positive number, got {ratio!r}")
+        problems = filter_problems(asdict(self))
+        if problems:
+            raise ValueError(problems[0])
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, where: str = "filters") -> FilterConfig:
@@ -53,13 +49,32 @@ class FilterConfig:
         for key in d:
             if key not in names:
                 raise ValueError(f"{where}.{key}: unknown field (known: {', '.join(sorted(names))})")
-        try:
-            return replace(cls(), **dict(d))
-        except ValueError as e:
-            raise ValueError(str(e).replace("filters.", f"{where}.", 1)) from None
+        problems = filter_problems({**asdict(cls()), **d}, where)
+        if problems:
+            raise ValueError(problems[0])
+        return replace(cls(), **dict(d))
+
+    @classmethod
+    def from_section(cls, section: Any, where: str = "filters") -> FilterConfig:
+        """From a recipe section holding these fields (synth.filters, which has more)."""
+        return cls.from_dict({f.name: getattr(section, f.name) for f in fields(cls)
+                              if hasattr(section, f.name)}, where)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def filter_problems(values: Mapping[str, Any], where: str = "filters") -> list[str]:
+    """The rules of FilterConfig's fields, each message naming `where`.<field>."""
+    errs = []
+    for name in ("repetition_threshold", "length_extra_chars"):
+        value = values.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            errs.append(f"{where}.{name}: expected an integer >= 1, got {value!r}")
+    ratio = values.get("length_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        errs.append(f"{where}.length_ratio: expected a positive number, got {ratio!r}")
+    return errs
 
 
 def _most_common(tokens: list[str]) -> tuple[str, int] | None:

@@ -29,17 +29,13 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        t, p = self.temperature, self.top_p
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"sampling.temperature: expected a number >= 0, got {t!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-            raise ValueError(f"sampling.top_p: expected a number in (0, 1], got {p!r}")
-        n = self.max_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"sampling.max_tokens: expected an integer >= 1, got {n!r}")
-        s = self.seed
-        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
-            raise ValueError(f"sampling.seed: expected None or an integer >= 0, got {s!r}")
+        problems = self.problems(where="sampling")
+        if problems:
+            raise ValueError(problems[0])
+
+    def problems(self, where: str = "sampling") -> list[str]:
+        """What is wrong with these values, each message naming `where`.<field>."""
+        return sampling_problems(asdict(self), where)
 
     def for_key(self, key: str) -> SamplingParams:
         """These parameters with the per-request seed of `key` (unchanged when seed is None)."""
@@ -61,10 +57,34 @@ class SamplingParams:
         for key in d:
             if key not in names:
                 raise ValueError(f"{where}.{key}: unknown field (known: {', '.join(sorted(names))})")
-        try:
-            return cls(**dict(d))
-        except ValueError as e:
-            raise ValueError(str(e).replace("sampling.", f"{where}.", 1)) from None
+        problems = sampling_problems({**asdict(cls()), **d}, where)
+        if problems:
+            raise ValueError(problems[0])
+        return cls(**dict(d))
+
+    @classmethod
+    def from_section(cls, section: Any, seed: int | None = None,
+                     where: str = "sampling") -> SamplingParams:
+        """From a recipe section holding these fields (synth.sampling, synth.thoughts,
+        eval.sampling: their own defaults, one copy of the rules), with the run's seed."""
+        values = {f.name: getattr(section, f.name) for f in fields(cls)
+                  if hasattr(section, f.name)}
+        return cls.from_dict({**values, "seed": seed}, where)
+
+
+def sampling_problems(values: Mapping[str, Any], where: str = "sampling") -> list[str]:
+    """The rules of SamplingParams' fields, each message naming `where`.<field>."""
+    errs = []
+    t, p, n, s = (values.get(k) for k in ("temperature", "top_p", "max_tokens", "seed"))
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        errs.append(f"{where}.temperature: expected a number >= 0, got {t!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
+        errs.append(f"{where}.top_p: expected a number in (0, 1], got {p!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        errs.append(f"{where}.max_tokens: expected an integer >= 1, got {n!r}")
+    if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
+        errs.append(f"{where}.seed: expected None or an integer >= 0, got {s!r}")
+    return errs
 
 
 @dataclass(frozen=True)

@@ -61,56 +61,16 @@ def grad_accumulation_fusion_available() -> bool:
 
 
 def uses_transformer_engine(cfg: AvrConfig) -> bool:
-    """Resolve model.transformer_impl (auto | transformer_engine | local) on this machine."""
-    impl = cfg.model.transformer_impl
+    """Resolve model.transformer_impl (auto | transformer_engine | local) on this machine: the
+    machine's facts are gathered here, the rules live in config/validate.py."""
+    from avr_megatron.config.validate import GpuFacts, resolve_transformer_impl
+
     ok, reason = transformer_engine_status()
-    if impl == "local":
-        use_te = False
-    elif impl == "transformer_engine":
-        if not ok:
-            raise ConfigError(f"model.transformer_impl='transformer_engine' but {reason}")
-        use_te = True
-    else:
-        use_te = ok
-    pr, p = cfg.precision, cfg.parallel
-    if pr.fp8 is not None and not use_te:
-        raise ConfigError(f"precision.fp8={pr.fp8!r} needs Transformer Engine, but "
-                          f"{'model.transformer_impl=local' if impl == 'local' else reason}")
-    if p.context_parallel_size > 1 and not use_te:
-        raise ConfigError("parallel.context_parallel_size > 1 needs Transformer Engine attention "
-                          f"({reason})")
-    if p.sequence_parallel and not use_te:
-        raise ConfigError(f"parallel.sequence_parallel=true needs Transformer Engine norms ({reason})")
-    if pr.fp8 is not None and on_gpu():
-        problem = fp8_device_problem(pr.fp8_recipe, torch.cuda.get_device_capability(),
-                                     torch.version.cuda)
-        if problem:
-            raise ConfigError(f"precision.fp8={pr.fp8!r} with precision.fp8_recipe="
-                              f"{pr.fp8_recipe!r} on {torch.cuda.get_device_name()}: {problem}")
-    return use_te
-
-
-def fp8_device_problem(fp8_recipe: str, capability: tuple[int, int],
-                       cuda_version: str | None) -> str | None:
-    """Why this GPU cannot run the FP8 recipe, or None. The device rules of Transformer Engine
-    2.20 (transformer_engine/pytorch/quantization.py `_compute_*_support`), checked when the
-    model is configured on the GPU itself, before any data or weights are loaded (a recipe is
-    validated on login nodes without a GPU, so the rule cannot live there)."""
-    cc = tuple(capability)
-    cuda = tuple(int(x) for x in (cuda_version or "0.0").split(".")[:2])
-    cc_text = f"compute capability {cc[0]}.{cc[1]}"
-    if cc < (8, 9):
-        return f"FP8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell); this GPU has {cc_text}"
-    if fp8_recipe == "mxfp8" and not (10, 0) <= cc < (12, 0):
-        return (f"mxfp8 needs a Blackwell data-centre GPU (compute capability 10.x; TE has no "
-                f"MXFP8 GEMMs before 10.0 or on 12.x); this GPU has {cc_text}: use delayed, "
-                "tensorwise or blockwise")
-    if fp8_recipe == "blockwise" and (cc < (9, 0) or cuda < (12, 9)):
-        return (f"blockwise FP8 needs compute capability >= 9.0 and CUDA >= 12.9; this GPU has "
-                f"{cc_text}, torch is built for CUDA {cuda_version}")
-    if cc < (9, 0) and cuda < (12, 1):
-        return f"FP8 on Ada ({cc_text}) needs CUDA >= 12.1; torch is built for CUDA {cuda_version}"
-    return None
+    # The GPU is asked only when the FP8 rules need it (as before: no CUDA call otherwise).
+    gpu = (GpuFacts(tuple(torch.cuda.get_device_capability()), torch.version.cuda,
+                    torch.cuda.get_device_name())
+           if cfg.precision.fp8 is not None and on_gpu() else None)
+    return resolve_transformer_impl(cfg, te_usable=ok, te_reason=reason, gpu=gpu)
 
 
 def llama3_inv_freq(head_dim: int, base: float, rs: RopeScalingConfig) -> torch.Tensor:

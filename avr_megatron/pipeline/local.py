@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from avr_megatron.config.layout import model_parallel_size
 from avr_megatron.launch.roles import role_of, role_python
 from avr_megatron.pipeline.spec import StageFailed, StageSpec, StageTask
 
@@ -94,9 +95,8 @@ class _Base:
         self.workdir = os.getcwd()
 
     def nproc(self, task: StageTask) -> int:
-        p = self.cfg.parallel
-        return max(1, p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-                   * p.context_parallel_size) if task.distributed else 1
+        # One model copy (DP=1): the smallest world config/layout.py's rule accepts.
+        return max(1, model_parallel_size(self.cfg.parallel)) if task.distributed else 1
 
     def python(self, spec: StageSpec) -> list[str]:
         """The interpreter of the stage's role environment (pipeline.envs.<role>.python)."""

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from avr_megatron.config import AvrConfig, ConfigError
+from avr_megatron.config import AvrConfig
+from avr_megatron.config.layout import ParallelLayout, layout_for
 from avr_megatron.runtime import cpu_compat
 from avr_megatron.runtime.device import on_gpu
 
@@ -71,28 +72,6 @@ def detect_launch_env(environ: dict | None = None) -> LaunchEnv:
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                          int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
     return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    tp: int
-    pp: int
-    vpp: int | None
-    cp: int
-    dp: int
-    world_size: int
-
-
-def layout_for(cfg: AvrConfig, world_size: int) -> ParallelLayout:
-    p = cfg.parallel
-    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    model_parallel = tp * pp * cp
-    if world_size % model_parallel:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size={tp} "
-            f"x parallel.pipeline_model_parallel_size={pp} x parallel.context_parallel_size={cp}")
-    return ParallelLayout(tp, pp, p.virtual_pipeline_model_parallel_size, cp,
-                          world_size // model_parallel, world_size)
 
 
 def seed_everything(seed: int) -> None:

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from avr_megatron.synth.fallback import CriticismCounter
 from avr_megatron.synth.inputs import InvalidRecord, PromptRecord, load_prompts
 from avr_megatron.synth.lengths import PromptLengthCheck
 from avr_megatron.synth.scheduler import Job, run_async
-from avr_megatron.synth.stages import STAGES, Stage, WorkItem, sampling_of, templates_of, thought_sampling_of
+from avr_megatron.synth.stages import STAGES, Stage, sampling_of, templates_of, thought_sampling_of
 from avr_megatron.runtime.files import atomic_write_json
 from avr_megatron.synth.store import ShardStore, read_output
 
@@ -52,7 +52,7 @@ def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
         lengths = PromptLengthCheck(cfg, sampling_of(cfg).max_tokens)
         if kind == "stage1":
             loaded = load_prompts(cfg.synth.input, shard, check=lengths)
-            items = [WorkItem(r.row, r.prompt_id, r.x, r.y0, r.chosen) for r in loaded.records]
+            items = loaded.records
         else:  # the search starts from the source set's chosen answer (start=chosen) or a fresh sample
             check_stage2_start(cfg)  # before reading the input or loading a model
 
@@ -62,8 +62,8 @@ def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
 
             lengths.answer_field = cfg.synth.input.fields.chosen  # the answer the reward model scores
             loaded = load_prompts(cfg.synth.input, shard, check=lambda r: lengths(start_of(r)))
-            items = [WorkItem(r.row, r.prompt_id, r.x, start_of(r).y0) for r in loaded.records]
-        fields = {k: v for k, v in vars(cfg.synth.input.fields).items()}
+            items = [replace(start_of(r), chosen=None) for r in loaded.records]
+        fields = asdict(cfg.synth.input.fields)
         source = {"path": loaded.source, "fields": fields, "limit": cfg.synth.input.limit, "digest": loaded.digest,
                   "lengths": lengths.limits()}
         return {"items": items, "invalid": loaded.invalid, "rows_read": loaded.rows, "source": source}
@@ -71,7 +71,7 @@ def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
     src = stage_dir(cfg, "stage2")
     rows = read_output(src, what="stage-2 output (input of `avr synth thoughts`)")
     i, n = shard
-    items = [WorkItem(r["row"], r["prompt_id"], r["x"], source_reward=r["reward_y0"])
+    items = [PromptRecord(r["row"], r["prompt_id"], r["x"], source_reward=r["reward_y0"])
              for r in rows if r["status"] == "ok" and r["row"] % n == i]
     import hashlib
 
@@ -103,7 +103,7 @@ def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, eng
             raise ConfigError(f"synth.{role}.model is not set: `avr synth {kind}` needs a "
                               f"{'chat model' if role == 'policy' else 'reward model'}")
     work = _items(kind, cfg, shard)
-    items: list[WorkItem] = work["items"]
+    items: list[PromptRecord] = work["items"]
     out = Path(out_dir) if out_dir is not None else stage_dir(cfg, kind)
     store = ShardStore(out, kind=kind, shard=shard, fmt=s.output_format,
                        fingerprint={**stage.fingerprint(cfg), "source": work["source"]})

@@ -32,6 +32,9 @@ _PARQUET_SUFFIXES = (".parquet",)
 
 @dataclass(frozen=True)
 class PromptRecord:
+    """One prompt to work on: the source row it came from, its id and conversation, what else it
+    carries. Synthesis stages and `avr eval` take these as their work items."""
+
     row: int
     prompt_id: str
     x: list[Message]
@@ -39,6 +42,8 @@ class PromptRecord:
     # The source set's chosen conversation ([*x, chosen answer]): the stage-2 start and the RSFT
     # mix-in.
     chosen: list[Message] | None = None
+    # `avr synth thoughts` reads its prompts from the stage-2 rows, with the source answer's reward.
+    source_reward: float | None = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from avr_megatron.config.schema import AvrConfig
@@ -33,6 +33,7 @@ from avr_megatron.method.stage2 import ThoughtSample, thought_pairs, thought_sft
 from avr_megatron.method.summary import RunSummary
 from avr_megatron.method.thoughts import extract_final_answer
 from avr_megatron.method.tree import Provenance, RefinementTree, rewards_of
+from avr_megatron.synth.inputs import PromptRecord
 
 
 def templates_of(cfg: AvrConfig) -> PromptTemplates:
@@ -40,18 +41,15 @@ def templates_of(cfg: AvrConfig) -> PromptTemplates:
 
 
 def filters_of(cfg: AvrConfig) -> FilterConfig:
-    f = cfg.synth.filters
-    return FilterConfig(f.repetition_threshold, f.length_extra_chars, f.length_ratio)
+    return FilterConfig.from_section(cfg.synth.filters, "synth.filters")
 
 
 def sampling_of(cfg: AvrConfig) -> SamplingParams:
-    s = cfg.synth.sampling
-    return SamplingParams(s.temperature, s.top_p, s.max_tokens, cfg.run.seed)
+    return SamplingParams.from_section(cfg.synth.sampling, cfg.run.seed, "synth.sampling")
 
 
 def thought_sampling_of(cfg: AvrConfig) -> SamplingParams:
-    t = cfg.synth.thoughts
-    return SamplingParams(t.temperature, t.top_p, t.max_tokens, cfg.run.seed)
+    return SamplingParams.from_section(cfg.synth.thoughts, cfg.run.seed, "synth.thoughts")
 
 
 def _messages_type():
@@ -66,19 +64,6 @@ def _schema(columns: Sequence[tuple[str, Any]]):
     return pa.schema(list(columns))
 
 
-@dataclass(frozen=True)
-class WorkItem:
-    """One prompt of a stage: the row it came from, its id and conversation, what else it carries."""
-
-    row: int
-    prompt_id: str
-    x: list[Message]
-    y0: str | None = None
-    # The source set's chosen conversation (stage 1: for the RSFT mix-in).
-    chosen: list[Message] | None = None
-    source_reward: float | None = None
-
-
 class Stage:
     kind: str
 
@@ -88,10 +73,10 @@ class Stage:
     def schema(self):
         raise NotImplementedError
 
-    def machine(self, item: WorkItem, provenance: Provenance, cfg: AvrConfig) -> RequestMachine:
+    def machine(self, item: PromptRecord, provenance: Provenance, cfg: AvrConfig) -> RequestMachine:
         raise NotImplementedError
 
-    def row(self, item: WorkItem, machine: Any, provenance: Provenance, criticisms: int, fallbacks: int) -> dict[str, Any]:
+    def row(self, item: PromptRecord, machine: Any, provenance: Provenance, criticisms: int, fallbacks: int) -> dict[str, Any]:
         raise NotImplementedError
 
     def summarize(self, rows: Sequence[dict[str, Any]], cfg: AvrConfig) -> RunSummary:
@@ -108,7 +93,7 @@ def _common_fingerprint(cfg: AvrConfig) -> dict[str, Any]:
     }
 
 
-def _base_row(item: WorkItem, status: str, provenance: Provenance) -> dict[str, Any]:
+def _base_row(item: PromptRecord, status: str, provenance: Provenance) -> dict[str, Any]:
     return {"prompt_id": item.prompt_id, "row": item.row, "status": status, "x": [dict(m) for m in item.x],
             "provenance": json.dumps(provenance.to_dict())}
 
@@ -135,7 +120,7 @@ class Stage1(Stage):
             ("source_chosen", msgs), ("provenance", pa.string()), ("tree", pa.string()),
         ])
 
-    def machine(self, item: WorkItem, provenance: Provenance, cfg: AvrConfig) -> Stage1TreeBuilder:
+    def machine(self, item: PromptRecord, provenance: Provenance, cfg: AvrConfig) -> Stage1TreeBuilder:
         s = cfg.synth
         return Stage1TreeBuilder(item.prompt_id, item.x, item.y0, k=s.stage1.k, m=s.stage1.m, provenance=provenance,
                                  templates=templates_of(cfg), max_rating_tries=s.max_rating_tries,
@@ -175,7 +160,7 @@ class Stage2(Stage):
             ("search", pa.string()),
         ])
 
-    def machine(self, item: WorkItem, provenance: Provenance, cfg: AvrConfig) -> RefinementSearch:
+    def machine(self, item: PromptRecord, provenance: Provenance, cfg: AvrConfig) -> RefinementSearch:
         s = cfg.synth
         return RefinementSearch(item.prompt_id, item.x, item.y0, k=s.stage2.k, m=s.stage2.m,
                                 max_rounds=s.stage2.max_rounds, beam_width=s.stage2.beam_width, provenance=provenance,
@@ -249,7 +234,7 @@ class Thoughts(Stage):
             ("source_reward", pa.float64()), ("samples", pa.list_(sample)), ("provenance", pa.string()),
         ])
 
-    def machine(self, item: WorkItem, provenance: Provenance, cfg: AvrConfig) -> ThoughtSampler:
+    def machine(self, item: PromptRecord, provenance: Provenance, cfg: AvrConfig) -> ThoughtSampler:
         return ThoughtSampler(item.prompt_id, item.x, n=cfg.synth.thoughts.num_samples, sampling=provenance.sampling,
                               templates=templates_of(cfg))
 

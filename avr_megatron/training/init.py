@@ -10,20 +10,12 @@ in the build, asking for either fails at startup, before any work, with a messag
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 from pathlib import Path
 
 from avr_megatron.config import AvrConfig, ConfigError
+from avr_megatron.config.resolve import SHAPE_KEYS
 from avr_megatron.config.schema import InitFromConfig
-
-log = logging.getLogger(__name__)
-
-# Model keys that must match between a checkpoint and the recipe for its weights to fit.
-SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-              "num_query_groups", "kv_channels", "vocab_size", "make_vocab_size_divisible_by",
-              "rotary_base", "rope_scaling", "norm_epsilon", "tie_word_embeddings")
-
 
 def _conversion(name: str, key: str):
     """A function of the HF conversion package, or a ConfigError naming the recipe key."""
@@ -124,33 +116,6 @@ def check_checkpoint_shape(ckpt: Path, cfg: AvrConfig, key: str) -> None:
     if diffs:
         raise ConfigError(f"{key}={ckpt}: the checkpoint's model does not match the recipe:\n  "
                           + "\n  ".join(diffs))
-
-
-def adopt_hf_model_config(cfg: AvrConfig) -> list[str]:
-    """With model.init_from.hf, the model's shape comes from the HF config.json (as converted by
-    the conversion package), not from the recipe; returns the keys that changed. The result is
-    validated again (TP/PP divisibility...)."""
-    src = cfg.model.init_from.hf
-    if not src:
-        return []
-    _conversion("convert_hf_to_mcore", "model.init_from.hf")
-    from avr_megatron.config.validate import validate_config
-    from avr_megatron.conversion.hf_config import model_config_from_hf, read_hf_config
-
-    where = str(Path(src) / "config.json")
-    try:
-        m = model_config_from_hf(read_hf_config(Path(src)), cfg.model, where)
-    except Exception as e:  # ConversionError names the field
-        raise ConfigError(f"model.init_from.hf: {e}") from None
-    keys = (*SHAPE_KEYS, "max_position_embeddings")
-    changed = [k for k in keys if getattr(m, k) != getattr(cfg.model, k)]
-    for k in keys:
-        setattr(cfg.model, k, getattr(m, k))
-    if changed:
-        log.info("model shape from %s: %s", where,
-                 ", ".join(f"model.{k}={getattr(m, k)!r}" for k in changed))
-    validate_config(cfg)
-    return changed
 
 
 def load_initial_weights(chunks, cfg: AvrConfig, src: InitFromConfig, key: str) -> str:

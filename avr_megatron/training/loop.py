@@ -30,11 +30,13 @@ import torch
 import torch.distributed as dist
 
 from avr_megatron.config import AvrConfig, ConfigError, save_config
+from avr_megatron.config.layout import ParallelLayout
+from avr_megatron.config.resolve import resolve_iterations
 from avr_megatron.data.batches import collate, trims_padding
 from avr_megatron.data.dataset import TrainingData
 from avr_megatron.data.sampler import StepSampler
 from avr_megatron.runtime.device import device, on_gpu
-from avr_megatron.runtime.distributed import ParallelLayout, is_rank0
+from avr_megatron.runtime.distributed import is_rank0
 from avr_megatron.runtime.files import atomic_write_text
 from avr_megatron.training.signals import EXIT_PREEMPTED, PreemptionSignals
 
@@ -87,8 +89,10 @@ class Trainer:
 
             raise DataError(f"data.train={cfg.data.train}: {e}; add data or lower "
                             "train.global_batch_size") from None
-        self.train_iters = (cfg.data.num_epochs * self.sampler.steps_per_epoch
-                            if cfg.data.num_epochs else t.train_iters)
+        # The one value that needs the dataset's size: train.train_iters from data.num_epochs,
+        # settled here into a new frozen config (the LR schedule and config.yaml read it).
+        self.cfg = cfg = resolve_iterations(cfg, self.sampler.steps_per_epoch)
+        self.train_iters = cfg.train.train_iters
         self.ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run.dir) / "checkpoints")
 
     # ---------------------------------------------------------------- setup
@@ -118,7 +122,6 @@ class Trainer:
             self.init_source = load_initial_weights(chunks, cfg, cfg.model.init_from,
                                                     "model.init_from")
         chunks = wrap_ddp(chunks, cfg)
-        cfg.train.train_iters = self.train_iters  # the LR schedule spans the real run length
         optimizer = build_optimizer(chunks, cfg)
         scheduler = build_scheduler(optimizer, cfg)
         state = {}

@@ -10,23 +10,13 @@ from contextlib import contextmanager
 
 import torch
 
-from avr_megatron.config import AvrConfig, ConfigError
-from avr_megatron.runtime.distributed import ParallelLayout
+from avr_megatron.config import AvrConfig
+from avr_megatron.config.layout import ParallelLayout, microbatches_per_step
 
 
 def num_microbatches(cfg: AvrConfig, layout: ParallelLayout) -> int:
-    t = cfg.train
-    per_step = t.micro_batch_size * layout.dp
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {layout.dp}")
-    from avr_megatron.config.validate import interleaving_microbatches
-
-    errors = interleaving_microbatches(cfg, layout.dp)
-    if errors:
-        raise ConfigError(errors[0])
-    return t.global_batch_size // per_step
+    """Micro-batches per optimizer step on each data-parallel rank (config/layout.py's rule)."""
+    return microbatches_per_step(cfg, layout.dp)
 
 
 def overlap_settings(cfg: AvrConfig) -> tuple[bool, bool]:

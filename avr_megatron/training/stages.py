@@ -36,10 +36,11 @@ def _start(cfg: AvrConfig, kind: str):
     from avr_megatron.data.dataset import load_training_data
     from avr_megatron.models.llama import uses_transformer_engine
     from avr_megatron.runtime.distributed import initialize
-    from avr_megatron.training.init import adopt_hf_model_config, check_sources
+    from avr_megatron.config.resolve import resolve_config
+    from avr_megatron.training.init import check_sources
 
     check_sources(cfg)
-    adopt_hf_model_config(cfg)
+    cfg = resolve_config(cfg)  # e.g. the model's shape from model.init_from.hf; frozen
     use_te = uses_transformer_engine(cfg)
     check_packed_layout(cfg, use_te)
     # Before process groups: fails fast on bad data. One process prepares (maps) it, the
@@ -48,7 +49,7 @@ def _start(cfg: AvrConfig, kind: str):
     valid = (load_training_data(cfg, kind, split="valid", progress=_env_rank0())
              if cfg.data.valid else None)
     layout = initialize(cfg)
-    return data, valid, layout, use_te
+    return cfg, data, valid, layout, use_te
 
 
 def run_sft(cfg: AvrConfig, progress: bool = True) -> TrainResult:
@@ -56,7 +57,7 @@ def run_sft(cfg: AvrConfig, progress: bool = True) -> TrainResult:
 
     from avr_megatron.training.evaluation import Validation
 
-    data, valid, layout, use_te = _start(cfg, "sft")
+    cfg, data, valid, layout, use_te = _start(cfg, "sft")
     objective = SFTObjective(vocab_size=cfg.model.vocab_size, use_te=use_te,
                              bf16=cfg.precision.bf16, chunk_size=cfg.loss.logprob_chunk_size)
     validation = Validation(valid, objective.prepare) if valid else None
@@ -88,7 +89,7 @@ def run_dpo(cfg: AvrConfig, progress: bool = True) -> TrainResult:
     from avr_megatron.training.evaluation import Validation
     from avr_megatron.training.reference import PrecomputedReference
 
-    data, valid, layout, use_te = _start(cfg, "preference")
+    cfg, data, valid, layout, use_te = _start(cfg, "preference")
     reference = build_reference(cfg, data, use_te=use_te)
     validation = None
     if valid is not None:  # an online reference scores any batch; stored ones are per split
@@ -112,7 +113,7 @@ def run_logps(cfg: AvrConfig, progress: bool = True):
     stored next to its data. Returns [(path, computed)] per split."""
     from avr_megatron.training.reference import build_reference_model, compute_store
 
-    data, valid, layout, use_te = _start(cfg, "preference")
+    cfg, data, valid, layout, use_te = _start(cfg, "preference")
     chunks = build_reference_model(cfg)
     return [compute_store(cfg, td, chunks, layout, use_te=use_te, progress=progress)
             for td in (data, valid) if td is not None]

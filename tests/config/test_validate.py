@@ -95,7 +95,7 @@ def test_non_finite_float_is_refused_naming_the_key_given(override, key):
 def test_interleaved_microbatches_per_data_parallel_rank():
     """The microbatch count per step and DP rank must be a multiple of PP under interleaving;
     the data-parallel size is known at run time (or from launch.slurm.train)."""
-    from avr_megatron.runtime.distributed import ParallelLayout
+    from avr_megatron.config.layout import ParallelLayout
     from avr_megatron.training.setup import num_microbatches
 
     cfg = load_config(None, ["model.num_layers=4", f"{PP}=2", f"{VPP}=2",
@@ -104,3 +104,68 @@ def test_interleaved_microbatches_per_data_parallel_rank():
     with pytest.raises(ConfigError, match=r"data-parallel size 2\) = 3, to be a multiple of "
                                           f"{PP}=2"):
         num_microbatches(cfg, ParallelLayout(1, 2, 2, 1, 2, 4))
+
+
+@pytest.mark.parametrize("recipe,cc,cuda,problem", [
+    ("delayed", (9, 0), "12.8", None), ("tensorwise", (9, 0), "13.0", None),
+    ("mxfp8", (9, 0), "13.0", "Blackwell"), ("mxfp8", (10, 0), "13.0", None),
+    ("mxfp8", (12, 0), "13.0", "Blackwell"), ("blockwise", (9, 0), "12.8", "CUDA >= 12.9"),
+    ("blockwise", (10, 0), "13.0", None), ("delayed", (8, 0), "13.0", ">= 8.9"),
+    ("delayed", (8, 9), "12.0", "Ada"), ("delayed", (8, 9), "12.4", None),
+])
+def test_fp8_device_rules(recipe, cc, cuda, problem):
+    from avr_megatron.config.validate import fp8_device_problem
+
+    found = fp8_device_problem(recipe, cc, cuda)
+    assert (found is None) if problem is None else (problem in found), found
+
+
+def test_transformer_engine_rules_from_machine_facts():
+    """model.transformer_impl and the settings that need TE, given what the machine offers
+    (gathered by models/llama.uses_transformer_engine; here by hand, no torch)."""
+    from avr_megatron.config.validate import GpuFacts, resolve_transformer_impl
+
+    def use_te(overrides, usable, gpu=None):
+        return resolve_transformer_impl(load_config(None, overrides), te_usable=usable,
+                                        te_reason="no CUDA device", gpu=gpu)
+
+    assert use_te([], True) is True and use_te([], False) is False
+    assert use_te(["model.transformer_impl=local"], True) is False
+    with pytest.raises(ConfigError, match="transformer_impl='transformer_engine' but no CUDA"):
+        use_te(["model.transformer_impl=transformer_engine"], False)
+    with pytest.raises(ConfigError, match="fp8='e4m3' needs Transformer Engine, but no CUDA"):
+        use_te(["precision.bf16=true", "precision.fp8=e4m3"], False)
+    with pytest.raises(ConfigError, match="context_parallel_size > 1 needs Transformer Engine"):
+        use_te(["parallel.context_parallel_size=2"], False)
+    h100 = GpuFacts((9, 0), "12.8", "H100")
+    fp8 = ["precision.bf16=true", "precision.fp8=e4m3"]
+    assert use_te([*fp8, "precision.fp8_recipe=delayed"], True, h100)
+    with pytest.raises(ConfigError, match="fp8_recipe='mxfp8' on H100: mxfp8 needs a Blackwell"):
+        use_te([*fp8, "precision.fp8_recipe=mxfp8"], True, h100)
+    assert use_te([*fp8, "precision.fp8_recipe=mxfp8"], True, None)  # no GPU facts: not checked
+
+
+def test_sampling_and_filters_have_one_definition():
+    """The recipe's sampling/filter sections take their defaults and rules from the method's
+    SamplingParams / FilterConfig; errors name the recipe key without rewriting messages."""
+    import dataclasses
+
+    from avr_megatron.method.filters import FilterConfig
+    from avr_megatron.method.requests import SamplingParams
+    from avr_megatron.synth.stages import filters_of, sampling_of, thought_sampling_of
+
+    cfg = load_config(None, ["run.seed=7", "synth.thoughts.max_tokens=99"])
+    assert sampling_of(cfg) == SamplingParams(seed=7)
+    assert thought_sampling_of(cfg) == SamplingParams(0.7, 0.8, 99, 7)
+    assert filters_of(cfg) == FilterConfig()
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["synth.thoughts.top_p=0", "eval.sampling.max_tokens=0",
+                           "synth.filters.length_ratio=0", "synth.sampling.temperature=-1"])
+    for text in ("synth.thoughts.top_p: expected a number in (0, 1]",
+                 "eval.sampling.max_tokens: expected an integer >= 1",
+                 "synth.filters.length_ratio: expected a positive number",
+                 "synth.sampling.temperature: expected a number >= 0"):
+        assert text in str(e.value), str(e.value)
+    bad = dataclasses.replace(cfg.synth.thoughts, top_p=0)
+    with pytest.raises(ValueError, match=r"^synth\.thoughts\.top_p"):
+        SamplingParams.from_section(bad, 1, "synth.thoughts")

@@ -21,7 +21,9 @@ BAD = [
     ([SLURM, "parallel.tensor_model_parallel_size=4", "model.num_attention_heads=12",
       "model.num_query_groups=4", "model.hidden_size=96", "model.ffn_hidden_size=192",
       "launch.slurm.train.gpus_per_node=6"],
-     "launch.slurm.train gives 6 processes (1 node(s) x 6 per node), not divisible by TP x PP x CP = 4"),
+     "launch.slurm.train gives 6 processes (1 node(s) x 6 per node) is not divisible by "
+     "parallel.tensor_model_parallel_size=4 x parallel.pipeline_model_parallel_size=1 x "
+     "parallel.context_parallel_size=1 (TP x PP x CP = 4)"),
     ([SLURM, "train.global_batch_size=12", "train.micro_batch_size=2"],
      "train.global_batch_size=12 is not divisible by train.micro_batch_size=2 x data-parallel size 8"),
     ([SLURM, "synth.policy.backend=vllm", "synth.policy.tensor_parallel_size=4",

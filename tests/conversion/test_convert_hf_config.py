@@ -7,11 +7,8 @@ import pytest
 import torch
 
 from avr_megatron.conversion.errors import ConversionError
-from avr_megatron.conversion.hf_config import (
-    check_layout,
-    hf_config_from_model,
-    model_config_from_hf,
-)
+from avr_megatron.config.hf_model import model_config_from_hf
+from avr_megatron.conversion.hf_config import check_layout, hf_config_from_model
 
 LLAMA_3_2_1B = {  # the hub config.json of Llama-3.2-1B (transformers 4.x spelling)
     "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,

@@ -73,8 +73,13 @@ def test_offline_generation_and_reward(models):
         long = engine.generate([GenerateRequest("long/g", [{"role": "user", "content": "word " * 2000}], 2, sampling)])
         assert long == [["", ""]] and engine.stats["prompt_too_long"] == 2
     finally:
+        core = engine.llm.llm_engine.engine_core.resources.engine_manager.processes
         engine.close()
         del engine
+    # close() stops the engine-core process now, not at garbage collection or interpreter exit.
+    for proc in core:
+        proc.join(timeout=60)
+    assert core and not any(p.is_alive() for p in core)
 
     rm = VllmRewardEngine(reward, seed=0, **ENGINE)
     try:

@@ -72,20 +72,6 @@ def test_grad_accumulation_fusion_only_with_gpu_and_apex_kernel(monkeypatch, gpu
         llama.grad_accumulation_fusion_available.cache_clear()
 
 
-@pytest.mark.parametrize("recipe,cc,cuda,problem", [
-    ("delayed", (9, 0), "12.8", None), ("tensorwise", (9, 0), "13.0", None),
-    ("mxfp8", (9, 0), "13.0", "Blackwell"), ("mxfp8", (10, 0), "13.0", None),
-    ("mxfp8", (12, 0), "13.0", "Blackwell"), ("blockwise", (9, 0), "12.8", "CUDA >= 12.9"),
-    ("blockwise", (10, 0), "13.0", None), ("delayed", (8, 0), "13.0", ">= 8.9"),
-    ("delayed", (8, 9), "12.0", "Ada"), ("delayed", (8, 9), "12.4", None),
-])
-def test_fp8_device_rules(recipe, cc, cuda, problem):
-    from avr_megatron.models.llama import fp8_device_problem
-
-    found = fp8_device_problem(recipe, cc, cuda)
-    assert (found is None) if problem is None else (problem in found), found
-
-
 def test_mxfp8_is_refused_on_hopper_before_any_work(monkeypatch):
     import avr_megatron.models.llama as llama
 

@@ -1,7 +1,8 @@
 import pytest
 
 from avr_megatron.config import ConfigError, load_config
-from avr_megatron.runtime.distributed import detect_launch_env, layout_for
+from avr_megatron.config.layout import layout_for
+from avr_megatron.runtime.distributed import detect_launch_env
 
 
 def test_torchrun_env():

@@ -135,6 +135,54 @@ def test_async_and_barrier_give_identical_rows(tmp_path):
     assert b_reports["stage1"]["summary"]["events"].get("criticism_samples", 0) > 11 * 2
 
 
+class _Bursts:
+    """Holds every submitted request and answers them in bursts of random size and order (seeded):
+    results reach the scheduler many at a time, several per tree, in groupings that change with
+    timing, as on a loaded machine."""
+
+    def __init__(self, seed: int) -> None:
+        import random
+
+        self.rng, self.lock, self.held = random.Random(seed), threading.Lock(), []
+        self.stop, self.largest = threading.Event(), 0
+        threading.Thread(target=self._release, daemon=True).start()
+
+    def later(self, fn, *args) -> Future:
+        future: Future = Future()
+        with self.lock:
+            self.held.append((future, fn, args))
+        return future
+
+    def _release(self) -> None:
+        while not self.stop.wait(0.002):
+            with self.lock:
+                if not self.held:
+                    continue
+                self.rng.shuffle(self.held)
+                cut = self.rng.randint(1, len(self.held))
+                burst, self.held = self.held[:cut], self.held[cut:]
+                self.largest = max(self.largest, cut)
+            for future, fn, args in burst:
+                future.set_result(fn(*args))
+
+
+def test_async_rows_do_not_depend_on_how_results_are_grouped(tmp_path):
+    barrier, _ = _run_all(tmp_path / "barrier", "barrier", 0.0)
+    for seed in (1, 2):
+        bursts = _Bursts(seed)
+        chat, reward = FakeChat(), FakeReward()
+        chat.submit = lambda r, c=chat: bursts.later(c._one, r)
+        reward.submit = lambda r, rm=reward: bursts.later(rm._one, r)
+        cfg = _cfg(tmp_path / f"bursts{seed}", "synth.scheduling=async")
+        try:
+            for kind in ("stage1", "stage2"):
+                run_stage(kind, cfg, engines=(chat, reward))
+                assert read_output(stage_dir(cfg, kind)) == read_output(stage_dir(barrier, kind)), (kind, seed)
+            assert bursts.largest > 3  # many results did arrive together
+        finally:
+            bursts.stop.set()
+
+
 def test_a_slow_generation_does_not_hold_back_other_trees():
     """Prompt p0's first criticism request is held until every other tree is finished; with
     frontier batching that would deadlock (its phase waits for it), here the others complete."""

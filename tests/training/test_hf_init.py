@@ -64,7 +64,9 @@ def _case(tmp):
     exported = LlamaForCausalLM.from_pretrained(tmp / "exported").float()
     weight_err = max((a - b).abs().max().item() for a, b in
                      zip(hf.state_dict().values(), exported.state_dict().values()))
-    return {"vocab": cfg.model.vocab_size, "tokenizer": len(tok),
+    # The run's config.yaml is the resolved config: the model shape from config.json.
+    saved = load_config(str(tmp / "run" / "config.yaml"))
+    return {"vocab": saved.model.vocab_size, "tokenizer": len(tok),
             "logps_chosen": first["logps/chosen"], "hf_logps_chosen": sum(chosen) / len(chosen),
             "loss": first["loss"], "weight_err": weight_err, "init": result.summary["init"],
             "exported": result.summary["exported_hf"]}
