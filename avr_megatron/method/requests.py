@@ -29,13 +29,9 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        problems = self.problems(where="sampling")
+        problems = sampling_problems(asdict(self))
         if problems:
             raise ValueError(problems[0])
-
-    def problems(self, where: str = "sampling") -> list[str]:
-        """What is wrong with these values, each message naming `where`.<field>."""
-        return sampling_problems(asdict(self), where)
 
     def for_key(self, key: str) -> SamplingParams:
         """These parameters with the per-request seed of `key` (unchanged when seed is None)."""

@@ -17,6 +17,7 @@ from avr_megatron.config import AvrConfig, ConfigError
 from avr_megatron.config.resolve import SHAPE_KEYS
 from avr_megatron.config.schema import InitFromConfig
 
+
 def _conversion(name: str, key: str):
     """A function of the HF conversion package, or a ConfigError naming the recipe key."""
     try:
