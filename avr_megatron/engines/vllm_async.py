@@ -60,28 +60,33 @@ def _start(model: str, kwargs: dict[str, Any]) -> tuple[_LoopThread, Any]:
         raise
 
 
-def _close(loop: _LoopThread, engine: Any) -> None:
-    async def stop():  # in the loop's thread: shutdown cancels the engine's asyncio tasks
-        engine.shutdown()
+class _AsyncEngine:
+    """What both async engines share: an AsyncLLM on its own loop thread, request ids, shutdown and
+    the prefix-cache reset. Listed first in the bases so it replaces the offline engine's versions."""
 
-    try:
-        loop.submit(stop()).result(timeout=300)
-    finally:
-        loop.close()
-
-
-class AsyncVllmChatEngine(VllmChatEngine):
-    def __init__(self, model: str, *, name: str | None = None, **engine_kwargs: Any) -> None:
-        self.name = name or str(model)
-        self._loop, self.engine = _start(model, with_platform_defaults(engine_kwargs, f"policy {self.name!r}"))
+    def _start_async(self, model: str, name: str, kwargs: dict[str, Any]) -> None:
+        self.name = name
+        self._loop, self.engine = _start(model, kwargs)
         self._setup(self.engine.get_tokenizer(), self.engine.model_config)
         self._ids = itertools.count()
 
     def close(self) -> None:
-        _close(self._loop, self.engine)
+        async def stop():  # in the loop's thread: shutdown cancels the engine's asyncio tasks
+            self.engine.shutdown()
+
+        try:
+            self._loop.submit(stop()).result(timeout=300)
+        finally:
+            self._loop.close()
 
     def reset_prefix_cache(self) -> None:
         self._loop.submit(self.engine.reset_prefix_cache()).result()
+
+
+class AsyncVllmChatEngine(_AsyncEngine, VllmChatEngine):
+    def __init__(self, model: str, *, name: str | None = None, **engine_kwargs: Any) -> None:
+        name = name or str(model)
+        self._start_async(model, name, with_platform_defaults(engine_kwargs, f"policy {name!r}"))
 
     def submit(self, request: GenerateRequest) -> Future:
         """A future of the request's n reply texts."""
@@ -112,18 +117,10 @@ class AsyncVllmChatEngine(VllmChatEngine):
         return [f.result() for f in futures]
 
 
-class AsyncVllmRewardEngine(VllmRewardEngine):
+class AsyncVllmRewardEngine(_AsyncEngine, VllmRewardEngine):
     def __init__(self, model: str, *, name: str | None = None, **engine_kwargs: Any) -> None:
-        self.name = name or str(model)
-        self._loop, self.engine = _start(model, reward_kwargs(engine_kwargs, self.name))
-        self._setup(self.engine.get_tokenizer(), self.engine.model_config)
-        self._ids = itertools.count()
-
-    def close(self) -> None:
-        _close(self._loop, self.engine)
-
-    def reset_prefix_cache(self) -> None:
-        self._loop.submit(self.engine.reset_prefix_cache()).result()
+        name = name or str(model)
+        self._start_async(model, name, reward_kwargs(engine_kwargs, name))
 
     def submit(self, request: ScoreRequest) -> Future:
         """A future of the request's raw reward."""
