@@ -15,6 +15,11 @@ reference pass (`avr logps` against TRL's precompute_ref_log_probs) as seconds a
 ratios are avr / TRL (> 1: avr faster). The first optimizer step's loss must be log 2 on both
 sides (policy = reference). Writes bench/results/dpo_vs_trl.json. Not part of CI (installs TRL).
 
+Useful tokens are the same on both sides: every pair's prompt + chosen + prompt + rejected
+tokens, padding excluded. avr computes a pair's shared prompt once (`data.share_prompt`, on by
+default on the local spec: `--share-prompt false` turns it off) and still counts it twice, as
+TRL's rows hold it twice: the figure is work done per second, not tokens computed.
+
     python bench/dpo_vs_trl.py [--shapes long mixed] [--pairs 128] [--steps 10] [--threads 2]
 """
 
@@ -225,6 +230,7 @@ def avr_overrides(args, work: Path, shape: str, model: Path, tok: Path, bins_per
         "optimizer.adam_beta1=0.9", "optimizer.adam_beta2=0.95", "optimizer.clip_grad=1.0",
         "scheduler.decay_style=constant", "scheduler.warmup_iters=0",
         f"loss.beta={args.beta}", "loss.type=sigmoid", f"loss.reference={mode}",
+        f"data.share_prompt={'null' if args.share_prompt == 'auto' else 'false'}",
         "checkpoint.save_interval=0", "checkpoint.save_final=false",
         "logging.tensorboard=false", "logging.progress_bar=false",
         f"precision.bf16={'true' if args.bf16 else 'false'}"]
@@ -306,6 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="run both sides this many times (alternating); the best run counts")
     ap.add_argument("--avr-micro-bins", type=int, default=1)
+    ap.add_argument("--share-prompt", choices=("auto", "false"), default="auto",
+                    help="avr's data.share_prompt (auto: each pair's prompt computed once)")
     ap.add_argument("--trl-micro-pairs", type=int, default=1)
     ap.add_argument("--trl-venv", type=Path, default=REPO / ".venv-trl-bench")
     ap.add_argument("--workdir", type=Path, default=None, help="keep inputs and logs here")
@@ -317,7 +325,9 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from avr_megatron.config import load_config
+    from avr_megatron.config.validate import resolve_share_prompt
     from avr_megatron.data.dataset import load_training_data
+    from avr_megatron.models.llama import uses_transformer_engine
     from avr_megatron.testing.toy_data import write_jsonl
 
     python = ensure_trl_venv(args.trl_venv)
@@ -332,7 +342,10 @@ def main(argv=None) -> int:
         write_jsonl(pairs, work / f"pairs-{shape}.jsonl")
         cfg = load_config(str(REPO / "recipes" / "tiny_dpo.yaml"),
                           avr_overrides(args, work, shape, model_dir, tok_dir, 1, "precomputed"))
-        td = load_training_data(cfg, "preference")
+        # the plan `avr train dpo` will use (shared prompts pack denser): bins per step for
+        # args.pairs_per_step pairs
+        td = load_training_data(cfg, "preference",
+                                share_prompt=resolve_share_prompt(cfg, uses_transformer_engine(cfg)))
         pairs_per_bin = len(td.data) / td.plan.num_bins
         bins_per_step = max(1, round(args.pairs_per_step / pairs_per_bin))
         print(f"[{shape}] {len(td.data)} pairs in {td.plan.num_bins} bins "
@@ -347,6 +360,9 @@ def main(argv=None) -> int:
         results[shape] = {
             "pairs": len(td.data), "bins": td.plan.num_bins,
             "avr_bins_per_step": bins_per_step, "avr_packing_efficiency": td.plan.efficiency,
+            "avr_shared_prompt": td.plan.shared_prompt,
+            "avr_computed_tokens": int(td.plan.fill.sum()),
+            "useful_tokens": int(td.data.unit_lengths.sum()),
             "same_tokenisation": ours_lengths == sorted(trl.pop("pair_tokens")),
             "avr": avr, "trl": trl, "ratios": ratios(avr, trl), "wall_seconds": time.time() - t0}
         results[shape]["goals"] = goal_status(shape, results[shape]["ratios"])
@@ -377,7 +393,9 @@ def main(argv=None) -> int:
               + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
               + f"; same tokenisation: {r['same_tokenisation']}; avr packing "
               f"{r['avr_packing_efficiency']:.1%} real, TRL rows "
-              f"{r['trl']['precomputed']['real_fraction']:.1%} real")
+              f"{r['trl']['precomputed']['real_fraction']:.1%} real; avr computes "
+              f"{r['avr_computed_tokens']:,} of {r['useful_tokens']:,} useful tokens "
+              f"(shared prompts {'once' if r['avr_shared_prompt'] else 'twice'})")
     write("dpo_vs_trl", {
         "commit": _commit(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

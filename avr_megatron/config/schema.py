@@ -284,6 +284,11 @@ class DataConfig(Section):
     prepared_dir: Optional[str] = None
     # Processes that tokenise when preparing; None: every core this process may use.
     prepare_workers: Optional[int] = None
+    # Compute a preference pair's shared prompt once for chosen and rejected (the rejected
+    # sequence attends the chosen one's prompt; same log-probs, fewer tokens computed): None =
+    # auto, on where supported (the local layer spec without pipeline parallelism; not with
+    # Transformer Engine's THD attention); true: required (an error where unsupported); false: off.
+    share_prompt: Optional[bool] = None
 
 
 @dataclass

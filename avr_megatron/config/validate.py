@@ -521,6 +521,25 @@ def resolve_transformer_impl(cfg: AvrConfig, *, te_usable: bool, te_reason: str,
     return use_te
 
 
+def resolve_share_prompt(cfg: AvrConfig, use_te: bool) -> bool:
+    """Whether preference pairs compute their shared prompt once
+    (`avr_megatron.data.batches.collate(share_prompt=True)`; data.share_prompt: None = where
+    supported), given whether the model uses Transformer Engine; a ConfigError when
+    data.share_prompt=true cannot be honoured. Supported: the local spec's attention, which takes
+    the shared-prefix mask (TE's THD attention and flash varlen cannot express it), without
+    pipeline parallelism (stages exchange fixed-shape activations; context parallelism needs TE,
+    so the local spec has none)."""
+    pp = cfg.parallel.pipeline_model_parallel_size
+    supported = not use_te and pp == 1
+    if cfg.data.share_prompt and not supported:
+        why = ("Transformer Engine's THD attention cannot attend another sequence's prefix "
+               "(set model.transformer_impl=local, or data.share_prompt=null)" if use_te else
+               f"parallel.pipeline_model_parallel_size={pp}: pipeline stages need fixed "
+               "micro-batch shapes (use 1, or data.share_prompt=null)")
+        raise ConfigError(f"data.share_prompt=true is not supported here: {why}")
+    return supported if cfg.data.share_prompt is None else bool(cfg.data.share_prompt)
+
+
 def fp8_device_problem(fp8_recipe: str, capability: tuple[int, int],
                        cuda_version: str | None) -> str | None:
     """Why this GPU cannot run the FP8 recipe, or None. The device rules of Transformer Engine

@@ -7,12 +7,19 @@ the token it predicts is an assistant token. Position ids restart at 0 for each 
 
 Attention: on the local (non-TE) layer spec the model gets the [b, s] segment ids as its
 attention mask, and its core attention (`avr_megatron.models.attention`) runs causal attention
-within each sequence only. RoPE in Megatron's GPTModel ignores position ids and rotates by the
-position within the row; attention scores depend only on the distance between query and key,
-which is the same within a sequence wherever it sits in the bin, so attention confined to each
-sequence reproduces unpacked attention. On Transformer Engine the microbatch is flattened to one
-row in THD layout with cumulative sequence lengths (PackedSeqParams) from the same segment ids,
-and TE restarts the rotary positions at each sequence itself.
+within each sequence only; RoPE there rotates each token by its position id
+(`avr_megatron.models.positions`). On Transformer Engine the microbatch is flattened to one row
+in THD layout with cumulative sequence lengths (PackedSeqParams) from the same segment ids, and
+TE restarts the rotary positions at each sequence itself.
+
+Shared prompts (`share_prompt=True`: local spec without pipeline parallelism,
+`avr_megatron.config.validate.resolve_share_prompt`):
+a pair whose chosen and rejected sequences start with the same n + 1 untrained tokens (the
+prompt) is laid out as [chosen] [rejected from token n on]: the rejected tail's position ids
+start at n, its queries attend the chosen sequence's first n tokens plus the tail causally (the
+mask carries n per token: `model_inputs`), and token n itself is kept in the tail so that it
+predicts the rejected sequence's first completion token. Every label, loss-mask bit and
+per-sequence sum is that of the unshared layout; the prompt is computed once instead of twice.
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ class PackedBatch:
     # Reference log-probs per pair (sum over trained tokens), attached before the step.
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
+    # int64 [bins, L] with share_prompt: per token, how many leading tokens of the previous
+    # sequence in the bin its sequence also attends (a rejected tail: the shared prompt); None
+    # when no sequence of the batch shares one.
+    shared: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -62,6 +73,7 @@ class PackedBatch:
         return self.seq_unit[self.pair_chosen]
 
     def real_tokens(self) -> int:
+        """Tokens computed (a shared prompt counts once)."""
         return int((self.segment >= 0).sum())
 
 
@@ -73,53 +85,100 @@ def trims_padding(use_te: bool, pipeline_parallel_size: int) -> bool:
     return not use_te and pipeline_parallel_size == 1
 
 
+def shared_prompt(chosen: tuple[np.ndarray, np.ndarray],
+                  rejected: tuple[np.ndarray, np.ndarray]) -> int:
+    """How many leading tokens of a pair the rejected sequence can take from the chosen one:
+    n = p - 1 for the longest common prefix p of the two token sequences, cut where the
+    rejected sequence starts training (a label in the prefix must stay in its own sequence);
+    0 when there is nothing to share. (Token n itself stays in the rejected tail: it predicts
+    the first token the two differ in.)"""
+    (ids_c, _), (ids_r, mask_r) = chosen, rejected
+    m = min(len(ids_c), len(ids_r))
+    differ = np.flatnonzero(ids_c[:m] != ids_r[:m])
+    p = int(differ[0]) if len(differ) else m
+    trained = np.flatnonzero(mask_r[1:p])  # labels of tokens 0..p-2 predict tokens 1..p-1
+    if len(trained):
+        p = int(trained[0]) + 1
+    return max(p - 1, 0)
+
+
+def shared_unit_lengths(data: TokenizedDataset) -> np.ndarray:
+    """Each pair's tokens with its shared prompt counted once (what `collate(share_prompt=True)`
+    lays out), for packing plans."""
+    lengths = data.unit_lengths.copy()
+    if data.seqs_per_unit == 2:
+        for u in range(len(lengths)):
+            lengths[u] -= shared_prompt(*(data.sequence(s) for s in data.unit_sequences(u)))
+    return lengths
+
+
 def collate(data: TokenizedDataset, plan: PackingPlan, bins: Sequence[int],
-            pad_id: int, *, trim: bool = False) -> PackedBatch:
+            pad_id: int, *, trim: bool = False, share_prompt: bool | None = None) -> PackedBatch:
     """The bins as one micro-batch of [len(bins), L] rows: L = the bin capacity, or with `trim`
     the fullest bin's fill (padding that only fills bins up to capacity is never computed). A
-    negative bin index is an all-padding row holding no sequence."""
+    negative bin index is an all-padding row holding no sequence. `share_prompt`: each pair's
+    shared prompt is laid out once (module docstring); only the local spec's attention takes it
+    (`avr_megatron.config.validate.resolve_share_prompt`). None: as the plan was packed
+    (`PackingPlan.shared_prompt`)."""
+    if share_prompt is None:
+        share_prompt = plan.shared_prompt
+    elif plan.shared_prompt and not share_prompt:
+        raise ValueError("this packing plan counts shared prompts once: its bins need "
+                         "collate(share_prompt=True)")
     L = plan.capacity
-    real = np.asarray(bins, dtype=np.int64)
-    real = real[real >= 0]
-    if trim and len(real):
-        L = max(1, int(np.max(plan.fill[real])))
     n = len(bins)
     tokens = np.full((n, L), pad_id, dtype=np.int64)
     labels = np.zeros((n, L), dtype=np.int64)
     loss_mask = np.zeros((n, L), dtype=bool)
     positions = np.zeros((n, L), dtype=np.int64)
     segment = np.full((n, L), -1, dtype=np.int64)
+    shared = np.zeros((n, L), dtype=np.int64) if share_prompt else None
     seq_unit, seq_role, seq_targets = [], [], []
     pair_c, pair_r = [], []
+    width = 0  # the fullest row's fill
+    pairs = data.seqs_per_unit == 2
     for row, b in enumerate(bins):
         offset = 0
         if b < 0:
             continue  # an empty row (evaluation fills its last microbatch with them)
         for u in plan.bin(int(b)):
-            for role, s in enumerate(data.unit_sequences(int(u))):
-                ids, mask = data.sequence(s)
-                k, end = len(ids), offset + len(ids)
+            seqs = [data.sequence(s) for s in data.unit_sequences(int(u))]
+            skip = shared_prompt(*seqs) if share_prompt and pairs else 0
+            for role, (ids, mask) in enumerate(seqs):
+                first = skip if role == REJECTED else 0
+                k, end = len(ids), offset + len(ids) - first
                 index = len(seq_unit)
-                tokens[row, offset:end] = ids
-                labels[row, offset:end - 1] = ids[1:]
-                loss_mask[row, offset:end - 1] = mask[1:]
-                positions[row, offset:end] = np.arange(k)
+                tokens[row, offset:end] = ids[first:]
+                labels[row, offset:end - 1] = ids[first + 1:]
+                loss_mask[row, offset:end - 1] = mask[first + 1:]
+                positions[row, offset:end] = np.arange(first, k)
                 segment[row, offset:end] = index
+                if first:
+                    shared[row, offset:end] = first
                 seq_unit.append(int(u))
                 seq_role.append(role)
                 seq_targets.append(int(mask[1:].sum()))
-                if data.seqs_per_unit == 2:
+                if pairs:
                     (pair_c if role == CHOSEN else pair_r).append(index)
                 offset = end
         assert offset <= L, "packing plan overfills a bin"
+        width = max(width, offset)
+    if trim and 0 < width < L:
+        tokens, labels, loss_mask, positions, segment = (
+            a[:, :width] for a in (tokens, labels, loss_mask, positions, segment))
+        shared = None if shared is None else shared[:, :width]
     batch = PackedBatch(
-        tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
-        loss_mask=torch.from_numpy(loss_mask), position_ids=torch.from_numpy(positions),
-        segment=torch.from_numpy(segment),
+        tokens=torch.from_numpy(np.ascontiguousarray(tokens)),
+        labels=torch.from_numpy(np.ascontiguousarray(labels)),
+        loss_mask=torch.from_numpy(np.ascontiguousarray(loss_mask)),
+        position_ids=torch.from_numpy(np.ascontiguousarray(positions)),
+        segment=torch.from_numpy(np.ascontiguousarray(segment)),
         seq_unit=torch.tensor(seq_unit, dtype=torch.int64),
         seq_role=torch.tensor(seq_role, dtype=torch.int64),
         seq_targets=torch.tensor(seq_targets, dtype=torch.int64))
-    if data.seqs_per_unit == 2:
+    if shared is not None and shared.any():
+        batch.shared = torch.from_numpy(np.ascontiguousarray(shared))
+    if pairs:
         batch.pair_chosen = torch.tensor(pair_c, dtype=torch.int64)
         batch.pair_rejected = torch.tensor(pair_r, dtype=torch.int64)
         gaps = data.reward_gap[batch.seq_unit[batch.pair_chosen].numpy()]
@@ -144,8 +203,14 @@ def model_inputs(batch: PackedBatch, use_te: bool, device=None) -> dict:
     if device is not None:
         tokens, positions = tokens.to(device), positions.to(device)
     if not use_te:
-        segment = batch.segment if device is None else batch.segment.to(device)
-        return {"input_ids": tokens, "position_ids": positions, "attention_mask": segment}
+        mask = batch.segment if batch.shared is None else torch.stack([batch.segment,
+                                                                        batch.shared], 1)
+        if device is not None:
+            mask = mask.to(device)
+        return {"input_ids": tokens, "position_ids": positions, "attention_mask": mask}
+    if batch.shared is not None:
+        raise ValueError("a batch with shared prompts needs the local spec's attention "
+                         "(Transformer Engine's THD attention cannot express them)")
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu, longest = cu_seqlens(batch.segment)

@@ -7,6 +7,7 @@ rank tokenises the data itself. Both give exactly the same examples, packing pla
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +85,12 @@ def _check_root(root: Path, files: list[Path], source: str) -> None:
 
 
 def load_training_data(cfg: AvrConfig, kind: str, *, split: str = "train",
-                       pack: bool | None = None, progress: bool = False) -> TrainingData:
+                       pack: bool | None = None, progress: bool = False,
+                       share_prompt: bool = False) -> TrainingData:
     """kind: "sft" or "preference"; split: "train" or "valid" (data.train / data.valid).
-    pack=None follows data.pack."""
+    pack=None follows data.pack. share_prompt: pairs are packed with their shared prompt
+    counted once (`config.validate.resolve_share_prompt` says where the model supports it) and
+    the plan says so, so every collate of it lays the prompts out once."""
     from avr_megatron.data.prepare import Settings, ensure_prepared, prepared_key
 
     if kind not in ("sft", "preference"):
@@ -127,6 +131,11 @@ def load_training_data(cfg: AvrConfig, kind: str, *, split: str = "train",
                           f"records (dropped: {s.dropped}; see data.overlong and "
                           f"train.seq_length={L})")
     data.check_vocab(cfg.model.vocab_size, str(source))
-    if plan is None or not pack:
+    if share_prompt and kind == "preference":
+        from avr_megatron.data.batches import shared_unit_lengths
+
+        plan = (pack_best_fit_decreasing if pack else one_per_bin)(shared_unit_lengths(data), L)
+        plan = dataclasses.replace(plan, shared_prompt=True)
+    elif plan is None or not pack:
         plan = (pack_best_fit_decreasing if pack else one_per_bin)(data.unit_lengths, L)
     return TrainingData(kind, files, data, plan, chat, tok_fp, files_fp, split, prepared)

@@ -12,6 +12,11 @@ same query/key/value ([s, b, heads, head_dim]) and returning the same [s, b, hid
   - an integer [b, s] tensor of segment ids (-1 for padding), what the trainer passes for packed
     bins: each maximal run of equal ids is one sequence (a bin's padding tail is one more), and a
     token attends causally within its own run only;
+  - an integer [b, 2, s] tensor: row 0 the segment ids as above, row 1 per token the number n
+    of leading tokens of the previous sequence in the same bin that this token's sequence also
+    sees (0: none). That is a preference pair's shared prompt computed once
+    (`avr_megatron.data.batches.collate(share_prompt=True)`): the rejected sequence's tail attends
+    the chosen sequence's first n tokens, then itself causally (bottom-right aligned);
   - a bool [b, 1, s, s] mask, True = masked out (Megatron's convention), passed to SDPA as is.
 
 Packed segments (chosen by measurement, `bench/forward_split.py` and notes in the README):
@@ -26,7 +31,8 @@ Packed segments (chosen by measurement, `bench/forward_split.py` and notes in th
   - CUDA in fp16/bf16 without dropout: torch's flash varlen kernel (`torch.nn.attention.varlen`)
     over all segments of the micro-batch in one call, from the same cu_seqlens (one kernel
     launch per layer instead of one per sequence; GQA natively). Not exercised by CI (no GPU);
-    its layout handling is tested on CPU against the per-segment path.
+    its layout handling is tested on CPU against the per-segment path. It cannot express a shared
+    prefix: micro-batches with one take the per-segment path.
 K/V are never repeated for grouped-query attention (`enable_gqa=True`), and no [s, s] score
 tensor is built in Python-level ops.
 """
@@ -45,18 +51,26 @@ from avr_megatron.models.packed import cu_seqlens
 
 
 class _Spans:
-    """cu_seqlens of the last segment tensor seen: every layer of a forward (and its activation
-    recompute) gets the same tensor, so the boundaries are read to the host once per micro-batch."""
+    """cu_seqlens (and each sequence's shared-prefix length) of the last segment-id mask seen:
+    every layer of a forward (and its activation recompute) gets the same tensor, so the
+    boundaries are read to the host once per micro-batch."""
 
     def __init__(self):
         self._ref, self._version, self._value = None, -1, None
 
-    def get(self, segment: torch.Tensor):
-        if self._ref is not None and self._ref() is segment and self._version == segment._version:
+    def get(self, mask: torch.Tensor):
+        """(cu_seqlens, its list, longest, shared prefix per sequence or None)."""
+        if self._ref is not None and self._ref() is mask and self._version == mask._version:
             return self._value
+        segment = mask if mask.dim() == 2 else mask[:, 0]
         cu, longest = cu_seqlens(segment)
-        self._value = (cu, cu.tolist(), longest)
-        self._ref, self._version = weakref.ref(segment), segment._version
+        shared = None
+        if mask.dim() == 3:
+            shared = mask[:, 1].reshape(-1)[cu[:-1].long()].tolist()
+            if not any(shared):
+                shared = None
+        self._value = (cu, cu.tolist(), longest, shared)
+        self._ref, self._version = weakref.ref(mask), mask._version
         return self._value
 
 
@@ -101,10 +115,11 @@ class PackedSDPAttention(DotProductAttention):
                 if mask_type != AttnMaskType.causal:
                     raise ValueError("segment ids give causal attention within each sequence; "
                                      f"attn_mask_type is {mask_type}")
-                if attention_mask.shape != (b, s):
-                    raise ValueError(f"segment ids must be [b, s] = [{b}, {s}], got "
+                if attention_mask.shape not in ((b, s), (b, 2, s)):
+                    raise ValueError(f"segment ids must be [b, s] = [{b}, {s}] or [b, 2, s] "
+                                     f"(with shared prefixes), got "
                                      f"{tuple(attention_mask.shape)}")
-                if self._use_varlen(query, dropout):
+                if self._use_varlen(query, dropout) and _spans.get(attention_mask)[3] is None:
                     return self._varlen(query, key, value, attention_mask)
                 out = self._per_segment(query, key, value, attention_mask, dropout, kw)
         # [b, heads, s, dim] -> [s, b, heads * dim]
@@ -125,27 +140,47 @@ class PackedSDPAttention(DotProductAttention):
         return (query.is_cuda and dropout == 0.0
                 and query.dtype in (torch.float16, torch.bfloat16))
 
-    def _per_segment(self, query, key, value, segment, dropout, kw):
-        """One causal SDPA call per sequence of each bin -> [b, heads, s, dim]."""
+    def _per_segment(self, query, key, value, mask, dropout, kw):
+        """One causal SDPA call per sequence of each bin -> [b, heads, s, dim]. A sequence with a
+        shared prefix of n tokens attends the previous sequence's first n keys too."""
         s = query.shape[0]
         q, k, v = _bhsd(query, key, value)
-        _, bounds, _ = _spans.get(segment)
+        _, bounds, _, shared = _spans.get(mask)
         rows = []
         for r in range(q.shape[0]):
             lo = r * s
-            # 4-d slices [1, heads, len, dim]: torch's CPU flash kernel takes 4-d inputs only
-            # (3-d ones fall back to the unfused math path)
-            parts = [F.scaled_dot_product_attention(
-                q[r:r + 1, :, a - lo:e - lo], k[r:r + 1, :, a - lo:e - lo],
-                v[r:r + 1, :, a - lo:e - lo], dropout_p=dropout, is_causal=True, **kw)
-                for a, e in zip(bounds, bounds[1:]) if lo <= a < lo + s]
+            parts, prev = [], None
+            for i, (a, e) in enumerate(zip(bounds, bounds[1:])):
+                if not lo <= a < lo + s:
+                    continue
+                a, e = a - lo, e - lo
+                n = shared[i] if shared else 0
+                # 4-d slices [1, heads, len, dim]: torch's CPU flash kernel takes 4-d inputs
+                # only (3-d ones fall back to the unfused math path)
+                qs, ks, vs = q[r:r + 1, :, a:e], k[r:r + 1, :, a:e], v[r:r + 1, :, a:e]
+                if n == 0:
+                    parts.append(F.scaled_dot_product_attention(
+                        qs, ks, vs, dropout_p=dropout, is_causal=True, **kw))
+                else:
+                    if prev is None or n > prev[1] - prev[0]:
+                        raise ValueError(f"a sequence shares {n} tokens with the previous one "
+                                         "in its bin, which is shorter or absent")
+                    c = prev[0]
+                    ks = torch.cat([k[r:r + 1, :, c:c + n], ks], dim=2)
+                    vs = torch.cat([v[r:r + 1, :, c:c + n], vs], dim=2)
+                    # query j sees the n shared keys and its own sequence up to itself
+                    allowed = torch.ones(e - a, n + e - a, dtype=torch.bool,
+                                         device=q.device).tril_(diagonal=n)
+                    parts.append(F.scaled_dot_product_attention(
+                        qs, ks, vs, attn_mask=allowed, dropout_p=dropout, **kw))
+                prev = (a, e)
             rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def _varlen(self, query, key, value, segment):
         """All sequences of the micro-batch in one flash varlen call (CUDA, fp16/bf16)."""
         s, b, heads, dim = query.shape
-        cu, _, longest = _spans.get(segment)
+        cu, _, longest, _ = _spans.get(segment)
         cu = cu.to(query.device)
         flat = [t.transpose(0, 1).reshape(b * s, t.shape[2], dim).contiguous()
                 for t in (query, key, value)]

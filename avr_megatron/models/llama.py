@@ -185,6 +185,8 @@ def build_model(cfg: AvrConfig, *, wrap_fp16: bool = True) -> list[torch.nn.Modu
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
     inv_freq = llama3_inv_freq(head_dim, m.rotary_base, m.rope_scaling)
+    if not use_te:  # RoPE by position ids (a pair's shared prompt needs it: models/positions.py)
+        from avr_megatron.models.positions import PositionalRoPEGPTModel as GPTModel
     chunks = []
     for vp_stage in range(vpp or 1):
         first_chunk, last_chunk = vp_stage == 0, vp_stage == (vpp or 1) - 1

@@ -37,17 +37,19 @@ def _start(cfg: AvrConfig, kind: str):
     from avr_megatron.models.llama import uses_transformer_engine
     from avr_megatron.runtime.distributed import initialize
     from avr_megatron.config.resolve import resolve_config
+    from avr_megatron.config.validate import resolve_share_prompt
     from avr_megatron.training.init import check_sources
 
     check_sources(cfg)
     cfg = resolve_config(cfg)  # e.g. the model's shape from model.init_from.hf; frozen
     use_te = uses_transformer_engine(cfg)
     check_packed_layout(cfg, use_te)
+    share = resolve_share_prompt(cfg, use_te)  # pairs' prompts computed once (data/batches.py)
     # Before process groups: fails fast on bad data. One process prepares (maps) it, the
     # others wait for it (data.prepared).
-    data = load_training_data(cfg, kind, progress=_env_rank0())
-    valid = (load_training_data(cfg, kind, split="valid", progress=_env_rank0())
-             if cfg.data.valid else None)
+    data = load_training_data(cfg, kind, progress=_env_rank0(), share_prompt=share)
+    valid = (load_training_data(cfg, kind, split="valid", progress=_env_rank0(),
+                                share_prompt=share) if cfg.data.valid else None)
     layout = initialize(cfg)
     return cfg, data, valid, layout, use_te
 

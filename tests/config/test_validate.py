@@ -145,6 +145,25 @@ def test_transformer_engine_rules_from_machine_facts():
     assert use_te([*fp8, "precision.fp8_recipe=mxfp8"], True, None)  # no GPU facts: not checked
 
 
+def test_share_prompt_where_supported():
+    """data.share_prompt: null = on for the local spec without pipeline parallelism; true where
+    unsupported is an error naming why; false is always off."""
+    from avr_megatron.config.validate import resolve_share_prompt
+
+    def share(overrides, use_te):
+        return resolve_share_prompt(load_config(None, overrides), use_te)
+
+    assert share([], False) is True
+    assert share([], True) is False
+    assert share(["parallel.pipeline_model_parallel_size=2"], False) is False
+    assert share(["data.share_prompt=false"], False) is False
+    assert share(["data.share_prompt=true"], False) is True
+    with pytest.raises(ConfigError, match="share_prompt=true is not supported here: Transformer"):
+        share(["data.share_prompt=true"], True)
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=2: pipeline stages"):
+        share(["data.share_prompt=true", "parallel.pipeline_model_parallel_size=2"], False)
+
+
 def test_sampling_and_filters_have_one_definition():
     """The recipe's sampling/filter sections take their defaults and rules from the method's
     SamplingParams / FilterConfig; errors name the recipe key without rewriting messages."""

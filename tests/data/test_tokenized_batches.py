@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from avr_megatron.data.batches import block_causal_mask, collate, cu_seqlens, trims_padding
+from avr_megatron.data.batches import (block_causal_mask, collate, cu_seqlens, shared_prompt,
+                                      shared_unit_lengths, trims_padding)
 from avr_megatron.data.chat import ChatTokenizer, Encoded
 from avr_megatron.data.packing import pack_best_fit_decreasing
 from avr_megatron.data.records import PreferenceRecord, SFTRecord
@@ -88,6 +89,78 @@ def test_preferences_packed_pairs_stay_together(tokenizer):
             assert torch.equal(getattr(cut, name), getattr(full, name)[:, :width]), name
         assert (full.segment[:, width:] == -1).all()
         assert cut.real_tokens() == full.real_tokens()
+
+
+def test_shared_prompt_layout_keeps_every_label(tokenizer):
+    """collate(share_prompt=True): [chosen][rejected from token n on]; every sequence's
+    labels, trained bits and positions are those of its unshared layout, token for token."""
+    chat = ChatTokenizer(tokenizer)
+    recs = [_pair(i, 1 + i % 4, 2 + i % 3) for i in range(9)]
+    data = tokenize_preferences(recs, chat, 256, "drop")
+    plan = pack_best_fit_decreasing(data.unit_lengths, 256)
+    bins = list(range(plan.num_bins))
+    full = collate(data, plan, bins, chat.pad_id)
+    both = [collate(data, plan, bins, chat.pad_id, share_prompt=True, trim=t) for t in (0, 1)]
+    assert full.shared is None
+    for shared in both:
+        assert shared.num_sequences == full.num_sequences
+        for name in ("seq_unit", "seq_role", "seq_targets", "pair_chosen", "pair_rejected"):
+            assert torch.equal(getattr(shared, name), getattr(full, name)), name
+        saved = 0
+        for k in range(full.num_sequences):
+            u, role = int(full.seq_unit[k]), int(full.seq_role[k])
+            c, r = (data.sequence(s) for s in data.unit_sequences(u))
+            n = shared_prompt(c, r) if role == 1 else 0
+            assert role == 0 or n >= 1  # the pairs share their prompt
+            rf, cf = torch.nonzero(full.segment == k, as_tuple=True)
+            rs, cs = torch.nonzero(shared.segment == k, as_tuple=True)
+            assert len(cs) == len(cf) - n
+            saved += n
+            for name in ("tokens", "labels", "loss_mask", "position_ids"):
+                a, b = getattr(full, name)[rf, cf][n:], getattr(shared, name)[rs, cs]
+                assert torch.equal(a, b), name
+            # the labels dropped with the shared prompt are untrained
+            assert not full.loss_mask[rf, cf][:n].any()
+            assert (shared.shared[rs, cs] == n).all()
+            if n:  # the previous sequence in the row is the chosen one, sharing n tokens
+                rc, cc = torch.nonzero(shared.segment == k - 1, as_tuple=True)
+                assert int(rc[0]) == int(rs[0]) and int(cc[-1]) + 1 == int(cs[0])
+                assert c[0][:n + 1].tolist() == r[0][:n + 1].tolist()
+                assert shared.tokens[rc, cc][:n].tolist() == r[0][:n].tolist()
+        assert shared.real_tokens() == full.real_tokens() - saved
+    assert both[1].tokens.shape[1] == int((both[1].segment >= 0).sum(1).max())
+    assert both[0].tokens.shape[1] == 256
+
+
+def test_shared_prompt_plan_packs_pairs_by_their_computed_tokens(tokenizer):
+    """A plan packed from shared_unit_lengths (PackingPlan.shared_prompt) fits more pairs per
+    bin; collating it lays the prompts out once by default and exactly fills its bins."""
+    import dataclasses
+
+    chat = ChatTokenizer(tokenizer)
+    recs = [_pair(i, 1 + i % 4, 2 + i % 3) for i in range(12)]
+    data = tokenize_preferences(recs, chat, 120, "drop")
+    lengths = shared_unit_lengths(data)
+    assert (lengths < data.unit_lengths).all()
+    plain = pack_best_fit_decreasing(data.unit_lengths, 120)
+    plan = dataclasses.replace(pack_best_fit_decreasing(lengths, 120), shared_prompt=True)
+    assert plan.num_bins < plain.num_bins == 12  # one pair per bin unshared, two shared
+    batch = collate(data, plan, range(plan.num_bins), chat.pad_id)
+    assert batch.shared is not None and batch.num_pairs == 12
+    assert (batch.segment >= 0).sum(1).tolist() == plan.fill.tolist()
+    with pytest.raises(ValueError, match="need collate\\(share_prompt=True\\)"):
+        collate(data, plan, [0], chat.pad_id, share_prompt=False)
+
+
+def test_shared_prompt_stops_where_the_rejected_trains():
+    ids = np.array([5, 6, 7, 8, 9])
+    untrained = np.zeros(5, bool)
+    assert shared_prompt((ids, untrained), (ids.copy(), untrained)) == 4
+    assert shared_prompt((ids, untrained), (np.array([5, 6, 7, 1, 2]), untrained)) == 2
+    assert shared_prompt((ids, untrained), (np.array([1, 6, 7]), untrained)) == 0
+    trained = np.array([0, 0, 1, 1, 1], bool)  # the rejected trains from token 2 on
+    assert shared_prompt((ids, untrained), (ids.copy(), trained)) == 1
+    assert shared_prompt((ids, untrained), (np.array([5, 6, 9]), np.array([0, 1, 1], bool))) == 0
 
 
 def test_trims_padding_only_where_row_length_may_vary():

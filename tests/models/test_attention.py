@@ -1,7 +1,8 @@
 """SDPA core attention (models/attention.py) equals Megatron-Core's own unfused local attention:
 packed bins with padding under grouped-query attention (logits everywhere, every gradient), plain
 causal rows, an explicit bool mask and activation recompute; the CUDA varlen path's layout
-handling is checked on CPU against the per-segment path with an emulated kernel."""
+handling is checked on CPU against the per-segment path with an emulated kernel; shared
+prefixes (a pair's prompt computed once) equal SDPA with the explicit mask."""
 
 import pytest
 import torch
@@ -135,6 +136,29 @@ def _case():
         attention._varlen_attn, type(core)._use_varlen = saved, saved_use
     result["varlen_layout"] = _rel(varlen, per_segment)
     result["varlen_shape"] = tuple(varlen.shape) == tuple(per_segment.shape) == (S, 3, 64)
+
+    # shared prefixes ([b, 2, s] mask): sequence 1 sees sequence 0's first 5 tokens, sequence 5
+    # sees sequence 4's only token; against SDPA with the equivalent explicit bool mask, and the
+    # varlen path (which cannot express it) must fall back to the per-segment one
+    shared = torch.zeros_like(seg)
+    shared[0, 17:39], shared[2, 6:39] = 5, 1
+    allowed = ~block_causal_mask(seg)
+    allowed[0, 0, 17:39, 0:5] = True
+    allowed[2, 0, 6:39, 5:6] = True
+    ref_out = core(q, k, v, ~allowed)
+
+    def no_varlen(*args, **kwargs):
+        raise AssertionError("a shared prefix took the varlen path")
+
+    attention._varlen_attn, saved = no_varlen, attention._varlen_attn
+    type(core)._use_varlen, saved_use = staticmethod(lambda query, dropout: True), \
+        type(core)._use_varlen
+    try:
+        shared_out = core(q, k, v, torch.stack([seg, shared], 1))
+    finally:
+        attention._varlen_attn, type(core)._use_varlen = saved, saved_use
+    result["shared_prefix"] = _rel(shared_out, ref_out)
+    result["shared_changes_output"] = _rel(shared_out, per_segment) > 1e-3
     return result
 
 
@@ -146,6 +170,7 @@ def test_sdpa_attention_equals_megatron_unfused():
     assert r["packed_vs_alone"] < 1e-5, r
     assert r["trimmed_vs_full"] < 1e-5 and r["trimmed_width"] < S, r
     assert r["varlen_layout"] < 1e-6 and r["varlen_shape"], r
+    assert r["shared_prefix"] < 1e-5 and r["shared_changes_output"], r
 
 
 def test_cu_seqlens_split_bins_and_padding():

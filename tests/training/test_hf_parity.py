@@ -1,7 +1,8 @@
 """The preference losses and their gradients on a packed Megatron batch equal a plain-PyTorch
 computation on Hugging Face models with the same weights (each sequence run alone, tokenised
 independently); packed per-sequence log-probs equal unpacked ones; stored (`avr logps`) and
-online reference log-probs equal the HF reference's.
+online reference log-probs equal the HF reference's. All of it also with each pair's shared
+prompt computed once (`collate(share_prompt=True)`).
 
 HF weights reach the Megatron model through avr_megatron.testing.hf_llama_weights (a test-side
 mapping; production conversion is the conversion package).
@@ -60,7 +61,7 @@ def _hf_sequence_logps(model, tok, prompt, completion):
     return picked[n - 1:].sum(), len(ids) - n, ids, n
 
 
-def _case(tmp):
+def _case(tmp, share=False):
     from pathlib import Path
 
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -99,7 +100,9 @@ def _case(tmp):
     recs = read_preferences(tmp / "pairs.jsonl")
     data = tokenize_preferences(recs, ChatTokenizer(tok), 256, "drop")
     plan = pack_best_fit_decreasing(data.unit_lengths, 256)
-    batch = collate(data, plan, range(plan.num_bins), ChatTokenizer(tok).pad_id)
+    batch = collate(data, plan, range(plan.num_bins), ChatTokenizer(tok).pad_id,
+                    share_prompt=share)
+    assert (batch.shared is not None) == share
 
     # ---- independent HF side: per-pair log-probs (policy with grad, reference without)
     hf = []
@@ -186,22 +189,27 @@ def _case(tmp):
     result["packed_vs_unpacked"] = (packed - alone).abs().max().item()
     result["packed_vs_hf"] = (packed - hf_packed_order).abs().max().item()
     result["sequences"], result["bins"] = batch.num_sequences, plan.num_bins
+    result["computed_tokens"] = batch.real_tokens()
+    result["pair_tokens"] = int(data.unit_lengths.sum())
 
     # ---- online reference and the stored one (compute_store) equal the HF reference
     load_full_state_dict(chunks, canon(hf_ref.state_dict()), tied=False)
     model.eval()
     online = OnlineReference(chunks, SequenceLogprobs(vocab, 64).sequences, use_te=False,
                              bf16=False, seq_length=256, bins_per_microbatch=plan.num_bins)
-    b2 = collate(data, plan, range(plan.num_bins), ChatTokenizer(tok).pad_id)
+    b2 = collate(data, plan, range(plan.num_bins), ChatTokenizer(tok).pad_id, share_prompt=share)
     online.attach([b2])
     result["online_vs_hf_ref"] = max((b2.ref_chosen - ref_c[b2.pair_units]).abs().max().item(),
                                      (b2.ref_rejected - ref_r[b2.pair_units]).abs().max().item())
     return result
 
 
-def test_preference_losses_and_grads_match_hf(tmp_path):
-    r = run_distributed(_case, nproc=1, tmp=str(tmp_path))[0]
+@pytest.mark.parametrize("share", [False, True], ids=["separate", "shared_prompt"])
+def test_preference_losses_and_grads_match_hf(tmp_path, share):
+    r = run_distributed(_case, nproc=1, tmp=str(tmp_path), share=share)[0]
     assert r["bins"] < r["sequences"] / 2, "several pairs must share a bin"
+    # sharing computes each pair's prompt once
+    assert (r["computed_tokens"] < r["pair_tokens"]) == share, r
     for name, v in r["variants"].items():
         assert v["count"] == 7, (name, v)
         assert abs(v["loss"] - v["hf_loss"]) < 1e-5 * max(1.0, abs(v["hf_loss"])), (name, v)
