@@ -20,8 +20,8 @@ from typing import Any
 from avr_megatron.config.errors import ConfigError
 from avr_megatron.config.schema import AvrConfig
 from avr_megatron.method.records import COLUMN_TYPES, PREFERENCE_COLUMNS, SFT_COLUMNS
-from avr_megatron.synth.driver import print_report, stage_dir
-from avr_megatron.synth.stages import build_stage1, build_stage2
+from avr_megatron.synth.driver import print_report, pass_dir
+from avr_megatron.synth.passes import build_stage1, build_stage2
 from avr_megatron.runtime.files import atomic_write_json
 from avr_megatron.synth.store import read_output, write_rows
 
@@ -89,7 +89,7 @@ def _finish(kind: str, directory: Path, summary, written: dict[str, Any], **extr
 
 
 def pairs_stage1(cfg: AvrConfig) -> dict[str, Any]:
-    source = stage_dir(cfg, "stage1")
+    source = pass_dir(cfg, "stage1")
     rows = read_output(source, what="stage-1 output")
     mix = cfg.synth.pairs.mix_source_chosen
     if mix and not any(r.get("source_chosen") for r in rows):
@@ -113,9 +113,9 @@ def pairs_stage1(cfg: AvrConfig) -> dict[str, Any]:
 
 
 def pairs_stage2(cfg: AvrConfig) -> dict[str, Any]:
-    source = stage_dir(cfg, "stage2")
+    source = pass_dir(cfg, "stage2")
     search_rows = read_output(source, what="stage-2 output")
-    thoughts_dir = stage_dir(cfg, "thoughts")
+    thoughts_dir = pass_dir(cfg, "thoughts")
     have_thoughts = any(thoughts_dir.glob("manifest-*.json"))
     thought_rows = read_output(thoughts_dir, what="thought samples") if have_thoughts else []
     summary, sft, pairs = build_stage2(search_rows, thought_rows, cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 from avr_megatron.config import load_config
 from avr_megatron.data.fingerprint import fingerprint_dir
 from avr_megatron.method.prompts import PromptTemplates
-from avr_megatron.synth.driver import run_stage, stage_dir
+from avr_megatron.synth.driver import pass_dir, run_pass
 from avr_megatron.synth.pairs import pairs_stage1
 
 REPO = Path(__file__).parents[2]
@@ -52,11 +52,11 @@ def test_card_after_the_last_shard_names_models_counts_and_skipped_records(tmp_p
                                "synth.chunk_size=1", "synth.policy.model=null", "synth.reward.model=null",
                                "synth.scheduling=barrier", "synth.rating_fallback=false",
                                "synth.policy.name=fake-policy", "synth.reward.name=fake-reward"])
-    out = stage_dir(cfg, "stage1")
+    out = pass_dir(cfg, "stage1")
     card = out / "README.md"
-    run_stage("stage1", cfg, (1, 2), engines=(_Chat(), _Reward()))
+    run_pass("stage1", cfg, (1, 2), engines=(_Chat(), _Reward()))
     assert not card.exists()  # shard 0 has not run: no card for half a dataset
-    run_stage("stage1", cfg, (0, 2), engines=(_Chat(), _Reward()))
+    run_pass("stage1", cfg, (0, 2), engines=(_Chat(), _Reward()))
     text = card.read_text()
     manifest = json.loads(sorted(out.glob("manifest-*.json"))[0].read_text())
 
@@ -92,8 +92,8 @@ def test_card_says_when_nothing_was_skipped(tmp_path):
     cfg = load_config(RECIPE, [f"run.dir={tmp_path}", "synth.input.limit=3", "synth.progress=false",
                                "synth.policy.model=null", "synth.reward.model=null", "synth.output_format=jsonl",
                                f"synth.input.path={REPO / 'data' / 'prompts' / 'tiny_prompts.jsonl'}"])
-    run_stage("stage2", cfg, engines=(_Chat(), _Reward()))
-    text = (stage_dir(cfg, "stage2") / "README.md").read_text()
+    run_pass("stage2", cfg, engines=(_Chat(), _Reward()))
+    text = (pass_dir(cfg, "stage2") / "README.md").read_text()
     assert "AvR stage-2 refinement searches" in text and "- records: 3\n" in text
     assert "None: every input record was synthesised." in text
     assert "train-00000-of-00001-c000000.jsonl" in text
