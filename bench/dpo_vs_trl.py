@@ -87,6 +87,18 @@ def steady_rate(steps: list[dict], warmup: int) -> dict:
             "pairs_per_step": sum(s["pairs"] for s in timed) / len(timed), "steps": len(timed)}
 
 
+def computed_tokens(data, share: bool) -> int:
+    """Tokens avr computes for all pairs: each shared prompt once with `share` (the local spec
+    on CPU, where this benchmark runs avr), else the useful tokens."""
+    from avr_megatron.data.batches import shared_prompt
+
+    total = int(data.unit_lengths.sum())
+    if share:
+        total -= sum(shared_prompt(*(data.sequence(s) for s in data.unit_sequences(u)))
+                     for u in range(len(data)))
+    return total
+
+
 def best_of(runs: list[dict]) -> dict:
     """One side's figures over repeated runs: each training mode from its fastest run, the
     reference pass from its fastest run (interference on a shared machine only slows a run
@@ -325,9 +337,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from avr_megatron.config import load_config
-    from avr_megatron.config.validate import resolve_share_prompt
     from avr_megatron.data.dataset import load_training_data
-    from avr_megatron.models.llama import uses_transformer_engine
     from avr_megatron.testing.toy_data import write_jsonl
 
     python = ensure_trl_venv(args.trl_venv)
@@ -342,10 +352,7 @@ def main(argv=None) -> int:
         write_jsonl(pairs, work / f"pairs-{shape}.jsonl")
         cfg = load_config(str(REPO / "recipes" / "tiny_dpo.yaml"),
                           avr_overrides(args, work, shape, model_dir, tok_dir, 1, "precomputed"))
-        # the plan `avr train dpo` will use (shared prompts pack denser): bins per step for
-        # args.pairs_per_step pairs
-        td = load_training_data(cfg, "preference",
-                                share_prompt=resolve_share_prompt(cfg, uses_transformer_engine(cfg)))
+        td = load_training_data(cfg, "preference")  # the plan avr trains on (either way)
         pairs_per_bin = len(td.data) / td.plan.num_bins
         bins_per_step = max(1, round(args.pairs_per_step / pairs_per_bin))
         print(f"[{shape}] {len(td.data)} pairs in {td.plan.num_bins} bins "
@@ -360,8 +367,8 @@ def main(argv=None) -> int:
         results[shape] = {
             "pairs": len(td.data), "bins": td.plan.num_bins,
             "avr_bins_per_step": bins_per_step, "avr_packing_efficiency": td.plan.efficiency,
-            "avr_shared_prompt": td.plan.shared_prompt,
-            "avr_computed_tokens": int(td.plan.fill.sum()),
+            "avr_share_prompt": args.share_prompt,
+            "avr_computed_tokens": computed_tokens(td.data, args.share_prompt == "auto"),
             "useful_tokens": int(td.data.unit_lengths.sum()),
             "same_tokenisation": ours_lengths == sorted(trl.pop("pair_tokens")),
             "avr": avr, "trl": trl, "ratios": ratios(avr, trl), "wall_seconds": time.time() - t0}
@@ -395,7 +402,7 @@ def main(argv=None) -> int:
               f"{r['avr_packing_efficiency']:.1%} real, TRL rows "
               f"{r['trl']['precomputed']['real_fraction']:.1%} real; avr computes "
               f"{r['avr_computed_tokens']:,} of {r['useful_tokens']:,} useful tokens "
-              f"(shared prompts {'once' if r['avr_shared_prompt'] else 'twice'})")
+              f"(data.share_prompt {r['avr_share_prompt']})")
     write("dpo_vs_trl", {
         "commit": _commit(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

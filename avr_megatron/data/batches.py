@@ -20,6 +20,8 @@ start at n, its queries attend the chosen sequence's first n tokens plus the tai
 mask carries n per token: `model_inputs`), and token n itself is kept in the tail so that it
 predicts the rejected sequence's first completion token. Every label, loss-mask bit and
 per-sequence sum is that of the unshared layout; the prompt is computed once instead of twice.
+Bins are packed by the full pair lengths either way (the same plan, hence the same batches, for
+every layer spec and layout); with trimmed micro-batches the work is the tokens laid out.
 """
 
 from __future__ import annotations
@@ -102,29 +104,15 @@ def shared_prompt(chosen: tuple[np.ndarray, np.ndarray],
     return max(p - 1, 0)
 
 
-def shared_unit_lengths(data: TokenizedDataset) -> np.ndarray:
-    """Each pair's tokens with its shared prompt counted once (what `collate(share_prompt=True)`
-    lays out), for packing plans."""
-    lengths = data.unit_lengths.copy()
-    if data.seqs_per_unit == 2:
-        for u in range(len(lengths)):
-            lengths[u] -= shared_prompt(*(data.sequence(s) for s in data.unit_sequences(u)))
-    return lengths
-
-
 def collate(data: TokenizedDataset, plan: PackingPlan, bins: Sequence[int],
-            pad_id: int, *, trim: bool = False, share_prompt: bool | None = None) -> PackedBatch:
+            pad_id: int, *, trim: bool = False, share_prompt: bool = False) -> PackedBatch:
     """The bins as one micro-batch of [len(bins), L] rows: L = the bin capacity, or with `trim`
     the fullest bin's fill (padding that only fills bins up to capacity is never computed). A
     negative bin index is an all-padding row holding no sequence. `share_prompt`: each pair's
     shared prompt is laid out once (module docstring); only the local spec's attention takes it
-    (`avr_megatron.config.validate.resolve_share_prompt`). None: as the plan was packed
-    (`PackingPlan.shared_prompt`)."""
-    if share_prompt is None:
-        share_prompt = plan.shared_prompt
-    elif plan.shared_prompt and not share_prompt:
-        raise ValueError("this packing plan counts shared prompts once: its bins need "
-                         "collate(share_prompt=True)")
+    (`avr_megatron.config.validate.resolve_share_prompt`; `TrainingData.share_prompt`). The
+    packing plan is the same either way (bins just hold fewer tokens when shared), so the
+    batches of a step do not depend on the layer spec or layout."""
     L = plan.capacity
     n = len(bins)
     tokens = np.full((n, L), pad_id, dtype=np.int64)

@@ -7,7 +7,6 @@ rank tokenises the data itself. Both give exactly the same examples, packing pla
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,8 @@ class TrainingData:
     files_fingerprint: str
     split: str = "train"
     prepared: Path | None = None  # the prepared directory mapped, None when tokenised here
+    # Collate pairs with their shared prompt laid out once (data/batches.py collate)
+    share_prompt: bool = False
 
     def summary(self) -> dict:
         return {"files": [str(f) for f in self.files], "files_fingerprint": self.files_fingerprint,
@@ -88,9 +89,9 @@ def load_training_data(cfg: AvrConfig, kind: str, *, split: str = "train",
                        pack: bool | None = None, progress: bool = False,
                        share_prompt: bool = False) -> TrainingData:
     """kind: "sft" or "preference"; split: "train" or "valid" (data.train / data.valid).
-    pack=None follows data.pack. share_prompt: pairs are packed with their shared prompt
-    counted once (`config.validate.resolve_share_prompt` says where the model supports it) and
-    the plan says so, so every collate of it lays the prompts out once."""
+    pack=None follows data.pack. share_prompt: batches of this data lay each pair's shared
+    prompt out once (`TrainingData.share_prompt`; `config.validate.resolve_share_prompt` says
+    where the model supports it)."""
     from avr_megatron.data.prepare import Settings, ensure_prepared, prepared_key
 
     if kind not in ("sft", "preference"):
@@ -131,11 +132,7 @@ def load_training_data(cfg: AvrConfig, kind: str, *, split: str = "train",
                           f"records (dropped: {s.dropped}; see data.overlong and "
                           f"train.seq_length={L})")
     data.check_vocab(cfg.model.vocab_size, str(source))
-    if share_prompt and kind == "preference":
-        from avr_megatron.data.batches import shared_unit_lengths
-
-        plan = (pack_best_fit_decreasing if pack else one_per_bin)(shared_unit_lengths(data), L)
-        plan = dataclasses.replace(plan, shared_prompt=True)
-    elif plan is None or not pack:
+    if plan is None or not pack:
         plan = (pack_best_fit_decreasing if pack else one_per_bin)(data.unit_lengths, L)
-    return TrainingData(kind, files, data, plan, chat, tok_fp, files_fp, split, prepared)
+    return TrainingData(kind, files, data, plan, chat, tok_fp, files_fp, split, prepared,
+                        share_prompt=share_prompt and kind == "preference")

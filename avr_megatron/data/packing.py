@@ -24,9 +24,6 @@ class PackingPlan:
     offsets: np.ndarray
     # Tokens used per bin.
     fill: np.ndarray
-    # Packed by pair lengths with each shared prompt counted once: such bins are collated with
-    # `collate(share_prompt=True)` (data/batches.py), else they may overflow.
-    shared_prompt: bool = False
 
     @property
     def num_bins(self) -> int:

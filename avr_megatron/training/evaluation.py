@@ -63,7 +63,8 @@ def evaluate(objective, chunks, validation: Validation, *, global_batch_size: in
     try:
         with torch.no_grad():
             for start in range(0, len(microbatches), microbatches_per_call):
-                batches = [collate(v.data, v.plan, mb, v.chat.pad_id)
+                batches = [collate(v.data, v.plan, mb, v.chat.pad_id,
+                                   share_prompt=v.share_prompt)
                            for mb in microbatches[start:start + microbatches_per_call]]
                 validation.prepare(batches)
                 iters = [iter(batches) for _ in chunks]

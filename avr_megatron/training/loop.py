@@ -160,7 +160,8 @@ class Trainer:
         k = self.bins_per_microbatch
         trim = trims_padding(self.use_te, self.layout.pp)
         return [collate(self.data.data, self.data.plan, bins[i:i + k], self.data.chat.pad_id,
-                        trim=trim) for i in range(0, len(bins), k)]
+                        trim=trim, share_prompt=self.data.share_prompt)
+                for i in range(0, len(bins), k)]
 
     def _step_tokens(self, step: int) -> tuple[int, int, int]:
         """(real tokens, trained tokens, sum of squared sequence lengths) of the global batch."""

@@ -400,7 +400,8 @@ def compute_store(cfg: AvrConfig, td: TrainingData, chunks, layout, *, use_te: b
             continue
         bins = np.arange(r * per_round, min((r + 1) * per_round, td.plan.num_bins))
         mine = bins[dp_rank::dp]
-        batches = [collate(td.data, td.plan, mine[k:k + mbs], td.chat.pad_id, trim=trim)
+        batches = [collate(td.data, td.plan, mine[k:k + mbs], td.chat.pad_id, trim=trim,
+                           share_prompt=td.share_prompt)
                    for k in range(0, len(mine), mbs)]
         rows = {"unit": [], "chosen": [], "rejected": []}
         if batches:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from avr_megatron.data.batches import (block_causal_mask, collate, cu_seqlens, shared_prompt,
-                                      shared_unit_lengths, trims_padding)
+                                      trims_padding)
 from avr_megatron.data.chat import ChatTokenizer, Encoded
 from avr_megatron.data.packing import pack_best_fit_decreasing
 from avr_megatron.data.records import PreferenceRecord, SFTRecord
@@ -130,26 +130,6 @@ def test_shared_prompt_layout_keeps_every_label(tokenizer):
         assert shared.real_tokens() == full.real_tokens() - saved
     assert both[1].tokens.shape[1] == int((both[1].segment >= 0).sum(1).max())
     assert both[0].tokens.shape[1] == 256
-
-
-def test_shared_prompt_plan_packs_pairs_by_their_computed_tokens(tokenizer):
-    """A plan packed from shared_unit_lengths (PackingPlan.shared_prompt) fits more pairs per
-    bin; collating it lays the prompts out once by default and exactly fills its bins."""
-    import dataclasses
-
-    chat = ChatTokenizer(tokenizer)
-    recs = [_pair(i, 1 + i % 4, 2 + i % 3) for i in range(12)]
-    data = tokenize_preferences(recs, chat, 120, "drop")
-    lengths = shared_unit_lengths(data)
-    assert (lengths < data.unit_lengths).all()
-    plain = pack_best_fit_decreasing(data.unit_lengths, 120)
-    plan = dataclasses.replace(pack_best_fit_decreasing(lengths, 120), shared_prompt=True)
-    assert plan.num_bins < plain.num_bins == 12  # one pair per bin unshared, two shared
-    batch = collate(data, plan, range(plan.num_bins), chat.pad_id)
-    assert batch.shared is not None and batch.num_pairs == 12
-    assert (batch.segment >= 0).sum(1).tolist() == plan.fill.tolist()
-    with pytest.raises(ValueError, match="need collate\\(share_prompt=True\\)"):
-        collate(data, plan, [0], chat.pad_id, share_prompt=False)
 
 
 def test_shared_prompt_stops_where_the_rejected_trains():
