@@ -8,7 +8,7 @@ measured side by side in one run on the same tiny random models and the same pro
   servers (policy and reward, started with `avr synth serve`'s command and the same engine
   settings) and 64 client threads, one prompt per thread, each thread sending its prompt's
   requests one at a time. Goal >= 2.
-- `async_vs_barrier`: stage-1 trees from `avr synth`'s driver (`run_stage`, chunks of 16 prompts,
+- `async_vs_barrier`: stage-1 trees from `avr synth`'s driver (`run_pass`, chunks of 16 prompts,
   y0 sampled too) with the same vLLM async engines, phase barriers (frontier batching) vs none
   (avr_megatron.synth.scheduler). Random tiny models do not choose their lengths, so each
   request's length is drawn: max_tokens from a log-normal per request key (answers and
@@ -205,7 +205,7 @@ def main() -> None:
     from avr_megatron.method.prompts import PromptTemplates
     from avr_megatron.method.requests import SamplingParams
     from avr_megatron.method.tree import Provenance
-    from avr_megatron.synth.driver import run_stage
+    from avr_megatron.synth.driver import run_pass
     from avr_megatron.synth.fallback import CriticismCounter
     from avr_megatron.synth.inputs import load_prompts
     from avr_megatron.synth.store import read_output
@@ -308,7 +308,7 @@ def main() -> None:
                     _cold(chat, reward)
                     before = chat.stats["generated_tokens"]
                     start = time.perf_counter()
-                    report = run_stage("stage1", run_cfg, engines=(chat, reward))
+                    report = run_pass("stage1", run_cfg, engines=(chat, reward))
                     seconds = time.perf_counter() - start
                     rows[mode] = read_output(tmp / mode / "stage1")
                     results[mode] = {"engine": "AsyncLLM, synth driver", "seconds": seconds,

@@ -12,10 +12,10 @@ def add_shard_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _synth(kind: str, args, cfg) -> int:
-    from avr_megatron.synth.driver import run_stage
+    from avr_megatron.synth.driver import run_pass
     from avr_megatron.synth.inputs import parse_shard
 
-    run_stage(kind, cfg, parse_shard(args.shard))
+    run_pass(kind, cfg, parse_shard(args.shard))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The synthesis driver: one shard of one stage, chunk by chunk.
+"""The synthesis driver: one shard of one synthesis pass (stage1 | stage2 | thoughts), chunk by chunk.
 
 Each chunk of `synth.chunk_size` prompts becomes one set of state machines, driven either
 - without phase barriers (`synth.scheduling` async, the default with vllm / server engines):
@@ -27,11 +27,12 @@ from avr_megatron.config.validate import check_stage2_start
 from avr_megatron.method.frontier import run_frontier
 from avr_megatron.method.summary import RunSummary
 from avr_megatron.method.tree import Provenance
+from avr_megatron.synth.card import write_output_card
 from avr_megatron.synth.fallback import CriticismCounter
 from avr_megatron.synth.inputs import InvalidRecord, PromptRecord, load_prompts
 from avr_megatron.synth.lengths import PromptLengthCheck
 from avr_megatron.synth.scheduler import Job, run_async
-from avr_megatron.synth.stages import STAGES, Stage, sampling_of, templates_of, thought_sampling_of
+from avr_megatron.synth.passes import PASSES, SynthesisPass, sampling_of, templates_of, thought_sampling_of
 from avr_megatron.runtime.files import atomic_write_json
 from avr_megatron.synth.store import ShardStore, read_output
 
@@ -42,7 +43,7 @@ def output_root(cfg: AvrConfig) -> Path:
     return Path(cfg.synth.output_dir or Path(cfg.run.dir) / "synth")
 
 
-def stage_dir(cfg: AvrConfig, kind: str) -> Path:
+def pass_dir(cfg: AvrConfig, kind: str) -> Path:
     return output_root(cfg) / kind
 
 
@@ -68,7 +69,7 @@ def _items(kind: str, cfg: AvrConfig, shard: tuple[int, int]) -> dict[str, Any]:
                   "lengths": lengths.limits()}
         return {"items": items, "invalid": loaded.invalid, "rows_read": loaded.rows, "source": source}
     # thoughts: the prompts (and source rewards) of the finished stage-2 searches.
-    src = stage_dir(cfg, "stage2")
+    src = pass_dir(cfg, "stage2")
     rows = read_output(src, what="stage-2 output (input of `avr synth thoughts`)")
     i, n = shard
     items = [PromptRecord(r["row"], r["prompt_id"], r["x"], source_reward=r["reward_y0"])
@@ -92,11 +93,11 @@ def _name(engine_cfg) -> str:
     return engine_cfg.name or engine_cfg.model or "?"
 
 
-def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, engines: tuple | None = None,
-              out_dir: str | Path | None = None) -> dict[str, Any]:
+def run_pass(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, engines: tuple | None = None,
+             out_dir: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) one shard of `kind`; returns the shard report (also saved and printed).
     `engines` = (chat, reward) overrides the engines the recipe names (benchmarks, tests)."""
-    stage: Stage = STAGES[kind]
+    synthesis: SynthesisPass = PASSES[kind]
     s = cfg.synth
     for role in ("policy", "reward"):
         if engines is None and not getattr(s, role).model:
@@ -104,9 +105,9 @@ def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, eng
                               f"{'chat model' if role == 'policy' else 'reward model'}")
     work = _items(kind, cfg, shard)
     items: list[PromptRecord] = work["items"]
-    out = Path(out_dir) if out_dir is not None else stage_dir(cfg, kind)
+    out = Path(out_dir) if out_dir is not None else pass_dir(cfg, kind)
     store = ShardStore(out, kind=kind, shard=shard, fmt=s.output_format,
-                       fingerprint={**stage.fingerprint(cfg), "source": work["source"]})
+                       fingerprint={**synthesis.fingerprint(cfg), "source": work["source"]})
     store.open()
     size = s.chunk_size
     num_chunks = math.ceil(len(items) / size)
@@ -131,13 +132,13 @@ def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, eng
         def job(c: int) -> Job:
             chunk = items[c * size:(c + 1) * size]
             counter = CriticismCounter(templates_of(cfg), s.rating_fallback, s.thoughts.answer_fallback)
-            return Job(c, [stage.machine(item, provenance, cfg) for item in chunk], counter, context=chunk)
+            return Job(c, [synthesis.machine(item, provenance, cfg) for item in chunk], counter, context=chunk)
 
         def finish(j: Job) -> None:
             chunk, counter = j.context, j.postprocess
-            rows = [stage.row(item, m, provenance, counter.samples[item.prompt_id], counter.fired[item.prompt_id])
+            rows = [synthesis.row(item, m, provenance, counter.samples[item.prompt_id], counter.fired[item.prompt_id])
                     for item, m in zip(chunk, j.machines)]
-            store.write_chunk(j.key, rows, stage.schema())
+            store.write_chunk(j.key, rows, synthesis.schema())
             done.add(j.key)
             store.write_manifest(**manifest, done_chunks=len(done), complete=False)
             this_run["prompts"] += len(chunk)
@@ -168,13 +169,14 @@ def run_stage(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, eng
         this_run["engine_stats"] = {"policy": dict(getattr(chat, "stats", {})),
                                     "reward": dict(getattr(reward, "stats", {}))}
     this_run["seconds"] = round(time.time() - started, 3)
-    summary = stage.summarize(store.shard_rows(), cfg)
+    summary = synthesis.summarize(store.shard_rows(), cfg)
     report = _report(kind, shard, cfg, summary, invalid, work, this_run)
     atomic_write_json(store.summary_path, report)
     store.write_manifest(**manifest, done_chunks=len(done), complete=True)
     merged = merge_summaries(out)
     if merged is not None:
         atomic_write_json(out / "summary.json", merged)
+        write_output_card(out, merged, synthesis.schema().names)  # once every shard has finished
     print_report(report)
     return report
 

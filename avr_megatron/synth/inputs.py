@@ -33,7 +33,7 @@ _PARQUET_SUFFIXES = (".parquet",)
 @dataclass(frozen=True)
 class PromptRecord:
     """One prompt to work on: the source row it came from, its id and conversation, what else it
-    carries. Synthesis stages and `avr eval` take these as their work items."""
+    carries. The synthesis passes and `avr eval` take these as their work items."""
 
     row: int
     prompt_id: str

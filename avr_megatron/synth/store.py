@@ -1,6 +1,6 @@
-"""Sharded, resumable output of a synthesis stage.
+"""Sharded, resumable output of a synthesis pass (avr_megatron.synth.passes).
 
-Layout of an output directory (one per stage):
+Layout of an output directory (one per pass):
 
     <out>/data/train-<shard>-of-<N>-c<chunk>.parquet  one file per finished chunk of prompts
     <out>/manifest-<shard>-of-<N>.json                 fingerprint, progress, invalid records
@@ -68,7 +68,7 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 class ShardStore:
-    """The files of one shard of one stage's output directory."""
+    """The files of one shard of one pass's output directory."""
 
     def __init__(self, out_dir: str | Path, *, kind: str, shard: tuple[int, int], fmt: str,
                  fingerprint: dict[str, Any]) -> None:

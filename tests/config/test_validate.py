@@ -152,7 +152,7 @@ def test_sampling_and_filters_have_one_definition():
 
     from avr_megatron.method.filters import FilterConfig
     from avr_megatron.method.requests import SamplingParams
-    from avr_megatron.synth.stages import filters_of, sampling_of, thought_sampling_of
+    from avr_megatron.synth.passes import filters_of, sampling_of, thought_sampling_of
 
     cfg = load_config(None, ["run.seed=7", "synth.thoughts.max_tokens=99"])
     assert sampling_of(cfg) == SamplingParams(seed=7)

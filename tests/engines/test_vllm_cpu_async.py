@@ -80,7 +80,7 @@ def _requests(n_requests: int, words: int, max_tokens: int) -> list[GenerateRequ
 def test_async_engine_recipe_args_and_barrier_free_synthesis(tmp_path, models):
     from avr_megatron.engines.factory import build_chat_engine, build_reward_engine
     from avr_megatron.engines.vllm_offline import VllmChatEngine
-    from avr_megatron.synth.driver import run_stage, stage_dir
+    from avr_megatron.synth.driver import run_pass, pass_dir
     from avr_megatron.synth.store import read_output
 
     cfg = _cfg(tmp_path / "a", models, "synth.policy.engine_args.max_num_seqs=24", "synth.input.limit=8",
@@ -111,9 +111,9 @@ def test_async_engine_recipe_args_and_barrier_free_synthesis(tmp_path, models):
     try:
         for mode in ("barrier", "async"):
             run = _cfg(tmp_path / mode, models, "synth.input.limit=8", "synth.chunk_size=3", f"synth.scheduling={mode}")
-            report = run_stage("stage1", run, engines=(chat, reward))
+            report = run_pass("stage1", run, engines=(chat, reward))
             assert report["this_run"]["scheduling"] == mode
-            rows[mode] = read_output(stage_dir(run, "stage1"))
+            rows[mode] = read_output(pass_dir(run, "stage1"))
     finally:
         chat.close()
         reward.close()

@@ -14,7 +14,7 @@ import pytest
 from avr_megatron.config import ConfigError, load_config
 from avr_megatron.method.prompts import PromptTemplates
 from avr_megatron.method.thoughts import RefinementThought, extract_final_answer, render_thought
-from avr_megatron.synth.driver import run_stage, stage_dir
+from avr_megatron.synth.driver import run_pass, pass_dir
 from avr_megatron.synth.pairs import pairs_stage1, pairs_stage2
 from avr_megatron.synth.store import load_output, read_output
 
@@ -31,7 +31,7 @@ def _cfg(run_dir, models, *extra):
 
 
 def _rows(cfg, kind):
-    return read_output(stage_dir(cfg, kind))
+    return read_output(pass_dir(cfg, kind))
 
 
 def _strip(rows):
@@ -42,12 +42,12 @@ def test_stage1_datasets_and_reproducibility(tmp_path, tiny_models, capsys):
     # The tiny recipe names a chosen column (the shipped answers) and mixes it into RSFT.
     cfg = _cfg(tmp_path / "a", tiny_models, "synth.input.limit=12", "synth.chunk_size=5")
     assert cfg.synth.input.fields.chosen == "answer" and cfg.synth.pairs.mix_source_chosen
-    report = run_stage("stage1", cfg)
+    report = run_pass("stage1", cfg)
     out = capsys.readouterr().out
     assert "stage1 summary" in out and "rating_fallback fired" in out and "pairs by type" in out
-    ds = load_output(stage_dir(cfg, "stage1"))
+    ds = load_output(pass_dir(cfg, "stage1"))
     assert ds.num_rows == 12 and set(ds["status"]) == {"ok"}
-    summary = json.loads((stage_dir(cfg, "stage1") / "summary.json").read_text())
+    summary = json.loads((pass_dir(cfg, "stage1") / "summary.json").read_text())
     assert summary["complete"] and summary["report"]["prompts"] == 12 and summary["report"]["trees"] == 12
     fb = summary["rating_fallback"]
     assert fb["enabled"] and fb["fired"] == report["rating_fallback"]["fired"] > 0
@@ -55,10 +55,10 @@ def test_stage1_datasets_and_reproducibility(tmp_path, tiny_models, capsys):
 
     # Same seed, fresh directory: identical rows. Another seed: other samples.
     again = _cfg(tmp_path / "b", tiny_models, "synth.input.limit=12", "synth.chunk_size=5")
-    run_stage("stage1", again)
+    run_pass("stage1", again)
     assert _rows(again, "stage1") == _rows(cfg, "stage1")
     other = _cfg(tmp_path / "c", tiny_models, "synth.input.limit=12", "synth.chunk_size=5", "run.seed=99")
-    run_stage("stage1", other)
+    run_pass("stage1", other)
     assert [r["tree"] for r in _rows(other, "stage1")] != [r["tree"] for r in _rows(cfg, "stage1")]
 
     # Pairs: RSFT (+ source mix-in) and the three pair types, loadable with datasets.
@@ -82,15 +82,15 @@ def test_stage1_datasets_and_reproducibility(tmp_path, tiny_models, capsys):
 def test_shards_are_disjoint_complete_and_match_one_run(tmp_path, tiny_models):
     extra = ("synth.input.limit=10", "synth.chunk_size=3")
     whole = _cfg(tmp_path / "whole", tiny_models, *extra)
-    run_stage("stage1", whole)
+    run_pass("stage1", whole)
     sharded = _cfg(tmp_path / "sharded", tiny_models, *extra)
-    run_stage("stage1", sharded, (1, 3))
+    run_pass("stage1", sharded, (1, 3))
     with pytest.raises(ConfigError, match=r"not complete \(of 3 shards, missing: \[0, 2\]"):
-        read_output(stage_dir(sharded, "stage1"))
-    run_stage("stage1", sharded, (0, 3))
-    run_stage("stage1", sharded, (2, 3))
+        read_output(pass_dir(sharded, "stage1"))
+    run_pass("stage1", sharded, (0, 3))
+    run_pass("stage1", sharded, (2, 3))
     rows = _rows(sharded, "stage1")
-    parts = sorted((stage_dir(sharded, "stage1") / "data").iterdir())
+    parts = sorted((pass_dir(sharded, "stage1") / "data").iterdir())
     per_shard = [{r["prompt_id"] for p in parts if f"-{i:05d}-of-00003" in p.name
                   for r in load_output_rows(p)} for i in range(3)]
     assert all(not (a & b) for i, a in enumerate(per_shard) for b in per_shard[i + 1:])
@@ -102,7 +102,7 @@ def test_shards_are_disjoint_complete_and_match_one_run(tmp_path, tiny_models):
         assert a["reward_y0"] == pytest.approx(b["reward_y0"], abs=1e-5)
     # A different shard count into the same directory is refused.
     with pytest.raises(ConfigError, match="different configuration"):
-        run_stage("stage1", sharded, (0, 2))
+        run_pass("stage1", sharded, (0, 2))
 
 
 def load_output_rows(path):
@@ -114,7 +114,7 @@ def load_output_rows(path):
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_models):
     extra = ["synth.input.limit=24", "synth.chunk_size=1", "synth.sampling.max_tokens=32"]
     reference = _cfg(tmp_path / "ref", tiny_models, *extra)
-    run_stage("stage1", reference)
+    run_pass("stage1", reference)
     run_dir = tmp_path / "killed"
     policy, reward = tiny_models
     cmd = [sys.executable, "-m", "avr_megatron.cli.main", "synth", "stage1", "--recipe", str(RECIPE),
@@ -148,11 +148,11 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, tiny_models)
 
 def test_invalid_records_reported_not_fatal(tmp_path, tiny_models, capsys):
     cfg = _cfg(tmp_path, tiny_models, f"synth.input.path={FIXTURE}")
-    report = run_stage("stage1", cfg)
+    report = run_pass("stage1", cfg)
     assert report["invalid"]["count"] == 12 and report["report"]["prompts"] == 4
     assert {"missing-prompt", "wrong-role", "empty-answer"} <= {r["id"] for r in report["invalid"]["records"]}
     assert "invalid input records: 12" in capsys.readouterr().out
-    merged = json.loads((stage_dir(cfg, "stage1") / "summary.json").read_text())
+    merged = json.loads((pass_dir(cfg, "stage1") / "summary.json").read_text())
     assert merged["invalid"]["count"] == 12
     assert [r["prompt_id"] for r in _rows(cfg, "stage1")] == ["ok-0", "ok-1", "ok-2", "ok-3"]
 
@@ -194,13 +194,13 @@ class _ShortIsBetter:
 
 def test_stage2_search_thoughts_and_pairs(tmp_path, tiny_models):
     cfg = _cfg(tmp_path, tiny_models, "synth.input.limit=8", "synth.chunk_size=4", "synth.stage2.max_rounds=3")
-    report = run_stage("stage2", cfg)
+    report = run_pass("stage2", cfg)
     rows = _rows(cfg, "stage2")
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
     assert all(1 <= r["num_rounds"] <= 3 and r["best_reward"] >= r["reward_y0"] for r in rows)
     stops = {k: v for k, v in report["summary"]["events"].items() if k.startswith("search_stop:")}
     assert sum(stops.values()) == 8 and report["report"]["mean_gain_by_round"]["1"] is not None
-    ds = load_output(stage_dir(cfg, "stage2"))
+    ds = load_output(pass_dir(cfg, "stage2"))
     assert ds.num_rows == 8 and "search" in ds.column_names
 
     # Without thought samples, pairs stage2 writes the thought SFT data only.
@@ -210,7 +210,7 @@ def test_stage2_search_thoughts_and_pairs(tmp_path, tiny_models):
     for record in sft:
         assert record["kind"] == "thought" and extract_final_answer(record["messages"][-1]["content"]) is not None
 
-    thoughts = run_stage("thoughts", cfg, engines=(_ThoughtWriter(), _ShortIsBetter()))
+    thoughts = run_pass("thoughts", cfg, engines=(_ThoughtWriter(), _ShortIsBetter()))
     events = thoughts["summary"]["events"]
     assert events["thoughts_sampled"] == 8 * cfg.synth.thoughts.num_samples
     assert events["thoughts_without_answer"] == 8
@@ -234,9 +234,9 @@ def test_stage2_search_thoughts_and_pairs(tmp_path, tiny_models):
         def score(self, requests):
             return [10.0 + len(r.messages[-1]["content"]) / 100 for r in requests]
 
-    run_stage("thoughts", cfg_long, engines=(_ThoughtWriter(), _LongIsBetter()),
+    run_pass("thoughts", cfg_long, engines=(_ThoughtWriter(), _LongIsBetter()),
               out_dir=tmp_path / "long_thoughts")
-    from avr_megatron.synth.stages import build_stage2
+    from avr_megatron.synth.passes import build_stage2
 
     summary, _, pairs = build_stage2([], read_output(tmp_path / "long_thoughts"), cfg_long)
     assert not pairs and summary.rejected == {"thought:length": 8}
@@ -244,10 +244,10 @@ def test_stage2_search_thoughts_and_pairs(tmp_path, tiny_models):
 
 def test_jsonl_output_loads_with_datasets(tmp_path, tiny_models):
     cfg = _cfg(tmp_path, tiny_models, "synth.input.limit=3", "synth.output_format=jsonl")
-    run_stage("stage1", cfg)
+    run_pass("stage1", cfg)
     from datasets import load_dataset
 
-    ds = load_dataset(str(stage_dir(cfg, "stage1")), split="train")
+    ds = load_dataset(str(pass_dir(cfg, "stage1")), split="train")
     assert ds.num_rows == 3 and ds["prompt_id"] == ["tiny-000", "tiny-001", "tiny-002"]
     written = pairs_stage1(cfg)["outputs"]
     assert written["preference"]["path"].endswith("train.jsonl")
@@ -268,8 +268,8 @@ def test_stage2_start(tmp_path, tiny_models):
     none = _cfg(tmp_path, tiny_models, "synth.input.limit=3", "synth.input.fields.chosen=null",
                 "synth.pairs.mix_source_chosen=false")
     with pytest.raises(ConfigError, match="synth.stage2.start=chosen: .* synth.input.fields.chosen is not set"):
-        run_stage("stage2", none)
-    assert not stage_dir(none, "stage2").exists()
+        run_pass("stage2", none)
+    assert not pass_dir(none, "stage2").exists()
 
 
 def test_overlong_and_undecodable_prompts_are_listed_never_stop_the_chunk(tmp_path, tiny_models, capsys):
@@ -288,7 +288,7 @@ def test_overlong_and_undecodable_prompts_are_listed_never_stop_the_chunk(tmp_pa
         f.write((json.dumps(good[1]) + "\n").encode())
     cfg = _cfg(tmp_path / "run", tiny_models, f"synth.input.path={src}", "synth.chunk_size=8",
                "synth.stage1.k=1", "synth.stage1.m=1")
-    report = run_stage("stage1", cfg)
+    report = run_pass("stage1", cfg)
     bad = {r["row"]: r for r in report["invalid"]["records"]}
     assert sorted(bad) == [1, 2, 3, 4, 5], bad
     assert bad[1]["id"] == "long" and bad[1]["field"] == "prompt" and "tokens" in bad[1]["reason"] \

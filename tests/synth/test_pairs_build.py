@@ -6,7 +6,7 @@ import json
 from avr_megatron.config import load_config
 from avr_megatron.method.thoughts import RefinementThought, render_thought
 from avr_megatron.method.tree import Provenance, RefinementNode, RefinementTree
-from avr_megatron.synth.stages import build_stage1, build_stage2
+from avr_megatron.synth.passes import build_stage1, build_stage2
 
 PROVENANCE = Provenance("policy", "rm")
 

@@ -19,7 +19,7 @@ from avr_megatron.method.prompts import PromptTemplates
 from avr_megatron.method.requests import GenerateRequest, SamplingParams, ScoreRequest, key_prompt_id
 from avr_megatron.method.stage1 import Stage1TreeBuilder
 from avr_megatron.method.tree import Provenance
-from avr_megatron.synth.driver import run_stage, scheduling_of, stage_dir
+from avr_megatron.synth.driver import run_pass, scheduling_of, pass_dir
 from avr_megatron.synth.scheduler import Job, run_async
 from avr_megatron.synth.store import read_output
 
@@ -114,7 +114,7 @@ def _cfg(run_dir, *extra):
 
 def _run_all(run_dir, scheduling, delay, *extra):
     cfg = _cfg(run_dir, f"synth.scheduling={scheduling}", *extra)
-    reports = {kind: run_stage(kind, cfg, engines=(FakeChat(delay), FakeReward(delay)))
+    reports = {kind: run_pass(kind, cfg, engines=(FakeChat(delay), FakeReward(delay)))
                for kind in ("stage1", "stage2", "thoughts")}
     return cfg, reports
 
@@ -124,10 +124,10 @@ def test_async_and_barrier_give_identical_rows(tmp_path):
     runs = [_run_all(tmp_path / "async", "async", 0.01),
             _run_all(tmp_path / "async1", "async", 0.01, "synth.chunks_in_flight=1")]
     for kind in ("stage1", "stage2", "thoughts"):
-        want = read_output(stage_dir(barrier, kind))
+        want = read_output(pass_dir(barrier, kind))
         assert want and all(r["status"] == "ok" for r in want)
         for cfg, reports in runs:
-            assert read_output(stage_dir(cfg, kind)) == want, kind
+            assert read_output(pass_dir(cfg, kind)) == want, kind
             assert reports[kind]["this_run"]["scheduling"] == "async"
             assert reports[kind]["summary"] == b_reports[kind]["summary"]
         assert b_reports[kind]["this_run"]["scheduling"] == "barrier"
@@ -176,8 +176,8 @@ def test_async_rows_do_not_depend_on_how_results_are_grouped(tmp_path):
         cfg = _cfg(tmp_path / f"bursts{seed}", "synth.scheduling=async")
         try:
             for kind in ("stage1", "stage2"):
-                run_stage(kind, cfg, engines=(chat, reward))
-                assert read_output(stage_dir(cfg, kind)) == read_output(stage_dir(barrier, kind)), (kind, seed)
+                run_pass(kind, cfg, engines=(chat, reward))
+                assert read_output(pass_dir(cfg, kind)) == read_output(pass_dir(barrier, kind)), (kind, seed)
             assert bursts.largest > 3  # many results did arrive together
         finally:
             bursts.stop.set()
@@ -234,4 +234,4 @@ def test_engine_errors_surface(tmp_path):
 
     cfg = _cfg(tmp_path, "synth.scheduling=async")
     with pytest.raises(RuntimeError, match="reward server down"):
-        run_stage("stage1", cfg, engines=(FakeChat(), Broken()))
+        run_pass("stage1", cfg, engines=(FakeChat(), Broken()))

@@ -1,5 +1,8 @@
-"""The three synthesis stages as the driver sees them: what one prompt's state machine is, what
+"""The three synthesis passes as the driver sees them: what one prompt's state machine is, what
 output row it leaves, and how stored rows turn into the method's records and run summary.
+
+A pass is one `avr synth <kind>` run over the prompts (named "pass", not "stage": the pipeline's
+stages are avr_megatron.pipeline.graph's, and "stage 1" / "stage 2" are the method's paper terms):
 
 - stage1:   a stage-1 refinement tree per prompt (k criticisms x m improvements of y0, scored);
 - stage2:   a multi-round refinement search per prompt (with the stage-1 model);
@@ -64,7 +67,9 @@ def _schema(columns: Sequence[tuple[str, Any]]):
     return pa.schema(list(columns))
 
 
-class Stage:
+class SynthesisPass:
+    """One kind of synthesis run: its fingerprint, row schema, per-prompt machine, row, summary."""
+
     kind: str
 
     def fingerprint(self, cfg: AvrConfig) -> dict[str, Any]:
@@ -102,7 +107,7 @@ def _add_event(summary: RunSummary, name: str, n: int) -> None:
     summary.events[name] = summary.events.get(name, 0) + int(n)
 
 
-class Stage1(Stage):
+class Stage1TreesPass(SynthesisPass):
     kind = "stage1"
 
     def fingerprint(self, cfg: AvrConfig) -> dict[str, Any]:
@@ -141,7 +146,7 @@ class Stage1(Stage):
         return build_stage1(rows, cfg)[0]
 
 
-class Stage2(Stage):
+class Stage2SearchPass(SynthesisPass):
     kind = "stage2"
 
     def fingerprint(self, cfg: AvrConfig) -> dict[str, Any]:
@@ -218,7 +223,7 @@ class ThoughtSampler(RequestMachine):
         return set_reward
 
 
-class Thoughts(Stage):
+class ThoughtsPass(SynthesisPass):
     kind = "thoughts"
 
     def fingerprint(self, cfg: AvrConfig) -> dict[str, Any]:
@@ -249,7 +254,8 @@ class Thoughts(Stage):
         return build_stage2([], rows, cfg)[0]
 
 
-STAGES: dict[str, Stage] = {"stage1": Stage1(), "stage2": Stage2(), "thoughts": Thoughts()}
+PASSES: dict[str, SynthesisPass] = {"stage1": Stage1TreesPass(), "stage2": Stage2SearchPass(),
+                                    "thoughts": ThoughtsPass()}
 
 
 def _conversation_key(messages: Sequence[Message]) -> str:
