@@ -27,6 +27,7 @@ from avr_megatron.config.validate import check_stage2_start
 from avr_megatron.method.frontier import run_frontier
 from avr_megatron.method.summary import RunSummary
 from avr_megatron.method.tree import Provenance
+from avr_megatron.synth.card import write_output_card
 from avr_megatron.synth.fallback import CriticismCounter
 from avr_megatron.synth.inputs import InvalidRecord, PromptRecord, load_prompts
 from avr_megatron.synth.lengths import PromptLengthCheck
@@ -175,6 +176,7 @@ def run_pass(kind: str, cfg: AvrConfig, shard: tuple[int, int] = (0, 1), *, engi
     merged = merge_summaries(out)
     if merged is not None:
         atomic_write_json(out / "summary.json", merged)
+        write_output_card(out, merged, synthesis.schema().names)  # once every shard has finished
     print_report(report)
     return report
 

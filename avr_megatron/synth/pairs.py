@@ -13,6 +13,7 @@ the copies removed. Each dataset is one file written atomically (`train.parquet`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,9 @@ def record_schema(columns):
 
 
 def _write(directory: Path, records: list[dict[str, Any]], columns, fmt: str,
-           card: tuple[str, str, AvrConfig] | None = None) -> Path:
-    """Write the dataset file, and its dataset card (title, description, cfg) beside it."""
+           card: tuple[str, str, AvrConfig, Any, Path] | None = None) -> Path:
+    """Write the dataset file, and its dataset card (title, description, cfg, run summary,
+    synthesis output it was built from) beside it."""
     ext = "parquet" if fmt == "parquet" else "jsonl"
     path = directory / f"train.{ext}"
     write_rows(path, records, record_schema(columns), fmt)
@@ -49,7 +51,7 @@ def _write(directory: Path, records: list[dict[str, Any]], columns, fmt: str,
 
 
 def _card(directory: Path, path: Path, records: list[dict[str, Any]], columns, title: str,
-          description: str, cfg: AvrConfig) -> None:
+          description: str, cfg: AvrConfig, summary, source: Path) -> None:
     from collections import Counter
 
     from avr_megatron.data.dataset_card import write_dataset_card
@@ -58,6 +60,8 @@ def _card(directory: Path, path: Path, records: list[dict[str, Any]], columns, t
         return engine.name or (Path(engine.model).name if engine.model else None)
 
     kinds = Counter(r.get("pair_type") or r.get("kind") for r in records)
+    manifests = sorted(source.glob("manifest-*.json"))
+    synth_fp = json.loads(manifests[0].read_text()).get("fingerprint_sha256") if manifests else None
     s = cfg.synth
     write_dataset_card(
         directory, [path], title=title, description=description, rows=len(records),
@@ -68,7 +72,10 @@ def _card(directory: Path, path: Path, records: list[dict[str, Any]], columns, t
                     "prompts": Path(s.input.path).name if s.input.path else None,
                     "run.seed": cfg.run.seed,
                     "synth.pairs.gating": s.pairs.gating,
-                    "synth.pairs.mix_source_chosen": s.pairs.mix_source_chosen})
+                    "synth.pairs.mix_source_chosen": s.pairs.mix_source_chosen,
+                    "synthesis output": f"`avr synth {source.name}`, configuration fingerprint (sha256) {synth_fp}",
+                    "candidates accepted / rejected by rule (whole run)": summary.acceptance(),
+                    "duplicates removed": summary.duplicates_removed or None})
 
 
 def _finish(kind: str, directory: Path, summary, written: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -82,7 +89,8 @@ def _finish(kind: str, directory: Path, summary, written: dict[str, Any], **extr
 
 
 def pairs_stage1(cfg: AvrConfig) -> dict[str, Any]:
-    rows = read_output(pass_dir(cfg, "stage1"), what="stage-1 output")
+    source = pass_dir(cfg, "stage1")
+    rows = read_output(source, what="stage-1 output")
     mix = cfg.synth.pairs.mix_source_chosen
     if mix and not any(r.get("source_chosen") for r in rows):
         raise ConfigError("synth.pairs.mix_source_chosen=true, but the stage-1 output holds no source chosen "
@@ -94,18 +102,19 @@ def pairs_stage1(cfg: AvrConfig) -> dict[str, Any]:
         "sft": {"rows": len(sft), "path": str(_write(out / "sft", sft, SFT_COLUMNS, fmt, (
             "AvR stage-1 RSFT conversations",
             "Supervised fine-tuning (RSFT) conversations built from AvR stage-1 refinement "
-            "trees; `messages` ends with the assistant turn to learn.", cfg)))},
+            "trees; `messages` ends with the assistant turn to learn.", cfg, summary, source)))},
         "preference": {"rows": len(pairs), "path": str(_write(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
             "AvR stage-1 preference pairs",
             "Response, criticism and improvement preference pairs from AvR stage-1 refinement "
             "trees, in TRL's conversational format, with refinement-aware rewards "
-            "(`reward_gap` = reward_chosen - reward_rejected).", cfg)))},
+            "(`reward_gap` = reward_chosen - reward_rejected).", cfg, summary, source)))},
     }
     return _finish("stage1", out, summary, written, pair_rules=cfg.synth.pairs.gating)
 
 
 def pairs_stage2(cfg: AvrConfig) -> dict[str, Any]:
-    search_rows = read_output(pass_dir(cfg, "stage2"), what="stage-2 output")
+    source = pass_dir(cfg, "stage2")
+    search_rows = read_output(source, what="stage-2 output")
     thoughts_dir = pass_dir(cfg, "thoughts")
     have_thoughts = any(thoughts_dir.glob("manifest-*.json"))
     thought_rows = read_output(thoughts_dir, what="thought samples") if have_thoughts else []
@@ -115,14 +124,14 @@ def pairs_stage2(cfg: AvrConfig) -> dict[str, Any]:
     written = {"sft": {"rows": len(sft), "path": str(_write(out / "sft", sft, SFT_COLUMNS, fmt, (
         "AvR stage-2 long-thought SFT examples",
         "Long refinement thoughts (answer, criticisms, improvements, final answer) written out "
-        "from AvR stage-2 refinement searches, as SFT conversations.", cfg)))}}
+        "from AvR stage-2 refinement searches, as SFT conversations.", cfg, summary, source)))}}
     if have_thoughts:
         written["preference"] = {"rows": len(pairs),
                                  "path": str(_write(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
                                      "AvR stage-2 thought preference pairs",
                                      "Best-vs-worst sampled long thoughts of the thought-SFT model "
                                      "(length-controlled unless synth.thoughts.length_control is "
-                                     "off), in TRL's conversational format.", cfg)))}
+                                     "off), in TRL's conversational format.", cfg, summary, thoughts_dir)))}
     else:
         print(f"no thought samples in {thoughts_dir}: thought pairs need `avr synth thoughts` with the thought-SFT "
               "model (synth.policy.model); wrote the thought SFT data only")
