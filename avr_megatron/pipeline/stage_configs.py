@@ -85,9 +85,14 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> tuple[dict[str, Any], l
     synth: dict[str, Any] = {}
     if name in SYNTH_ROOT:
         synth["output_dir"] = str(root / "synth" / SYNTH_ROOT[name])
+    held_out = cfg.synth.pairs.valid_fraction > 0  # `avr pairs` writes held-out splits
+    if held_out:
+        from avr_megatron.synth.pairs import valid_dir
     if name in DATA_ROOT:
         synth["data_dir"] = str(root / "data" / DATA_ROOT[name])
         outputs += [root / "data" / DATA_ROOT[name] / d for d in PAIRS_OUT[name]]
+        if held_out:
+            outputs += [valid_dir(root / "data" / DATA_ROOT[name] / d) for d in PAIRS_OUT[name]]
     if stage.command[0] == "synth":
         # Provenance names the pipeline model ("base", "rsft", ...), not a run-specific path.
         synth["policy"] = {"model": str(model), "name": f"{cfg.run.name}:{stage.model_from}"}
@@ -108,6 +113,15 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> tuple[dict[str, Any], l
             outputs.append(Path(str(train) + ".ref_logps") / "logps.parquet")
         if stage.command == ("train", "dpo"):
             w["loss"] = {"reference": "precomputed"}  # from the *_ref_logps stage before it
+        if held_out:
+            valid = valid_dir(train)
+            w["data"]["valid"] = str(valid)
+            inputs.append(valid)
+            store = Path(str(valid) + ".ref_logps") / "logps.parquet"
+            if stage.command == ("logps",):
+                outputs.append(store)
+            if stage.command == ("train", "dpo"):
+                inputs.append(store)
     if stage.exports_model:
         w.setdefault("checkpoint", {})["export_hf"] = str(model_dir(cfg, name))
         outputs.append(model_dir(cfg, name))
@@ -196,6 +210,9 @@ def plan_stages(cfg: AvrConfig, stages: list[Stage] | None = None) -> list[Stage
     for stage in STAGES:
         wiring, inputs, outputs = _wiring(stage, cfg, root)
         stage_cfg = _stage_config(cfg, stage, wiring)
+        if stage_cfg.synth.pairs.valid_fraction != cfg.synth.pairs.valid_fraction:
+            raise ConfigError(f"pipeline.stages.{stage.name} sets synth.pairs.valid_fraction: set it in the "
+                              "recipe, for every stage (the training stages read the held-out splits it makes)")
         if stage.command == ("synth", "stage2"):
             try:
                 check_stage2_start(stage_cfg)
