@@ -69,14 +69,19 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> _Wiring:
     w.inputs += [synth_out / kind / "data" for kind in stage.reads_passes]
     reference = REFERENCE_OF.get(stage.name)
     if reference is not None:
-        w.inputs.append(_logps_path(root, reference))
+        w.inputs.append(_logps_store(root / "data" / reference.train_data))
     synth: dict[str, Any] = {}
     if synth_out is not None:
         synth["output_dir"] = str(synth_out)
+    held_out = cfg.synth.pairs.valid_fraction > 0  # `avr pairs` writes held-out splits
+    if held_out:
+        from avr_megatron.synth.pairs import valid_dir
     if stage.data_root:
         data = root / "data" / stage.data_root
         synth["data_dir"] = str(data)
         w.outputs.update({data / d: data / d for d in stage.writes_datasets})
+        if held_out:
+            w.outputs.update({valid_dir(data / d): valid_dir(data / d) for d in stage.writes_datasets})
     if stage.command[0] == "synth":
         # Provenance names the pipeline model ("base", "rsft", ...), not a run-specific path.
         synth["policy"] = {"model": str(model), "name": f"{cfg.run.name}:{stage.model_from}"}
@@ -91,11 +96,18 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> _Wiring:
         w.keys["data"] = {"train": str(train), "tokenizer": str(base)}
         w.keys["model"] = {"init_from": {"hf": str(model), "mcore": None}}
         w.inputs += [train, model]
+        datasets = [train]
+        if held_out:
+            valid = valid_dir(train)
+            w.keys["data"]["valid"] = str(valid)
+            w.inputs.append(valid)
+            datasets.append(valid)
+        stores = [_logps_store(d) for d in datasets]
         if stage.reference_for:
-            logps = _logps_path(root, stage)
-            w.outputs[logps] = logps.parent
+            w.outputs.update({s: s.parent for s in stores})
         if reference is not None:
             w.keys["loss"] = {"reference": "precomputed"}  # from the log-prob stage before it
+            w.inputs += stores[1:]  # the training set's store is listed first (above)
     if stage.exports_model:
         w.keys.setdefault("checkpoint", {})["export_hf"] = str(model_dir(cfg, stage.name))
         w.outputs[model_dir(cfg, stage.name)] = model_dir(cfg, stage.name)
@@ -110,9 +122,9 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> _Wiring:
     return w
 
 
-def _logps_path(root: Path, stage: Stage) -> Path:
-    """Where a log-prob stage stores its reference log-probs: next to the data it reads."""
-    return Path(str(root / "data" / stage.train_data) + ".ref_logps") / "logps.parquet"
+def _logps_store(data: Path) -> Path:
+    """Where a log-prob stage stores the reference log-probs of a dataset: next to it."""
+    return Path(str(data) + ".ref_logps") / "logps.parquet"
 
 
 def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -193,6 +205,9 @@ def plan_stages(cfg: AvrConfig, stages: list[Stage] | None = None) -> list[Stage
     for stage in STAGES:
         wiring = _wiring(stage, cfg, root)
         stage_cfg = _stage_config(cfg, stage, wiring.keys)
+        if stage_cfg.synth.pairs.valid_fraction != cfg.synth.pairs.valid_fraction:
+            raise ConfigError(f"pipeline.stages.{stage.name} sets synth.pairs.valid_fraction: set it in the "
+                              "recipe, for every stage (the training stages read the held-out splits it makes)")
         if stage.command == ("synth", "stage2"):
             try:
                 check_stage2_start(stage_cfg)

@@ -144,7 +144,8 @@ def test_stage_facts_live_in_the_records_not_in_names(tmp_path, monkeypatch):
 
     from avr_megatron.pipeline import graph, stage_configs
 
-    cfg = load_config(TINY, [f"run.dir={tmp_path}", "pipeline.stages.stage1_dpo.loss.beta=0.3"])
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "pipeline.stages.stage1_dpo.loss.beta=0.3",
+                             "synth.pairs.valid_fraction=0.2"])
     before = plan_stages(cfg)
     new = {n: f"renamed-{n}" for n in STAGE_NAMES}
 
@@ -170,3 +171,24 @@ def test_stage_facts_live_in_the_records_not_in_names(tmp_path, monkeypatch):
     assert [text(p) for p in after] == [text(p) for p in before]
     assert after[6].cfg.loss.beta == after[5].cfg.loss.beta == 0.3  # the DPO stage and its log-probs
     assert after[6].cfg.loss.reference == "precomputed" and after[-1].cfg.eval.long_thought
+
+
+def test_held_out_splits_become_the_training_stages_validation_data(tmp_path):
+    plain = {p.stage.name: p for p in plan_stages(load_config(TINY, [f"run.dir={tmp_path}"]))}
+    assert all(p.cfg.data.valid is None for p in plain.values())  # default: as before, no validation
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "synth.pairs.valid_fraction=0.2"])
+    plans = {p.stage.name: p for p in plan_stages(cfg)}
+    for name, dataset in [("rsft", "base/stage1/sft"), ("stage1_ref_logps", "onpolicy/stage1/preference"),
+                          ("stage1_dpo", "onpolicy/stage1/preference"), ("thought_sft", "thought_sft/stage2/sft"),
+                          ("lcdpo", "lcdpo/stage2/preference")]:
+        c = plans[name].cfg
+        assert c.data.train == str(tmp_path / "data" / dataset)
+        assert c.data.valid == c.data.train + "_valid" and Path(c.data.valid) in plans[name].inputs
+    valid_store = Path(plans["stage1_dpo"].cfg.data.valid + ".ref_logps") / "logps.parquet"
+    assert valid_store in plans["stage1_ref_logps"].outputs and valid_store in plans["stage1_dpo"].inputs
+    assert tmp_path / "data" / "onpolicy" / "stage1" / "preference_valid" in plans["stage1_pairs"].outputs
+    with pytest.raises(ConfigError, match="pipeline.stages.stage1_pairs sets synth.pairs.valid_fraction"):
+        plan_stages(load_config(TINY, [f"run.dir={tmp_path}", "pipeline.stages.stage1_pairs.synth.pairs.valid_fraction=0.5"]))
+    with pytest.raises(ConfigError, match="pipeline wires data.valid"):
+        plan_stages(load_config(TINY, [f"run.dir={tmp_path}", "synth.pairs.valid_fraction=0.2",
+                                       "pipeline.stages.rsft.data.valid=/elsewhere"]))
