@@ -292,6 +292,9 @@ def _synth(cfg: AvrConfig) -> list[str]:
     errs += _choice(s.scheduling, "synth.scheduling", ("auto", "async", "barrier"))
     errs += _choice(s.rating_parse, "synth.rating_parse", ("first", "last"))
     errs += _choice(s.pairs.gating, "synth.pairs.gating", ("reference", "independent"))
+    if not 0.0 <= s.pairs.valid_fraction < 1.0:
+        errs.append(f"synth.pairs.valid_fraction={s.pairs.valid_fraction} must be in [0, 1): the fraction of "
+                    "prompts held out as a validation split")
     errs += _choice(s.stage2.start, "synth.stage2.start", ("chosen", "sample"))
     if s.pairs.mix_source_chosen and s.input.fields.chosen is None:
         errs.append("synth.pairs.mix_source_chosen=true needs synth.input.fields.chosen (the chosen column of the "

@@ -9,6 +9,9 @@ stage2: <data_dir>/stage2/sft (long-thought SFT examples from the stage-2 search
 Every dataset is de-duplicated over the whole output (all shards and chunks); the summary counts
 the copies removed. Each dataset is one file written atomically (`train.parquet` or `train.jsonl`) that
 `datasets.load_dataset` reads; the run summary is saved beside them as summary.json.
+With synth.pairs.valid_fraction > 0, the records of a held-out share of prompts go to a sibling
+validation split instead (<dataset>_valid/validation.<ext>, see `split_held_out`), which
+`avr pipeline` gives its training stages as data.valid.
 """
 
 from __future__ import annotations
@@ -38,12 +41,55 @@ def record_schema(columns):
     return pa.schema([(c, types[COLUMN_TYPES[c]]) for c in columns])
 
 
+def valid_dir(dataset: Path) -> Path:
+    """Where the held-out split of a dataset directory goes (synth.pairs.valid_fraction): a
+    sibling, since a directory given as data.train is read whole, recursively."""
+    return dataset.with_name(dataset.name + "_valid")
+
+
+def split_held_out(records: list[dict[str, Any]], fraction: float, seed: int):
+    """(train, valid): every record of a held-out prompt goes to valid. A prompt is held out when
+    a hash of (seed, prompt_id) is below `fraction`, so the same prompts are held out of every
+    dataset built from them; at least one prompt when fraction > 0, never every prompt."""
+    if fraction <= 0:
+        return records, []
+    import hashlib
+
+    def unit(prompt_id: str) -> float:
+        digest = hashlib.sha256(f"{seed}\0{prompt_id}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    ids = sorted({r["prompt_id"] for r in records}, key=unit)
+    held = {p for p in ids if unit(p) < fraction}
+    if not held and len(ids) >= 2:
+        held = {ids[0]}
+    if ids and len(held) == len(ids):
+        held.discard(ids[-1])
+    return ([r for r in records if r["prompt_id"] not in held],
+            [r for r in records if r["prompt_id"] in held])
+
+
+def _write_split(directory: Path, records: list[dict[str, Any]], columns, fmt: str,
+                 card: tuple[str, str, AvrConfig, Any, Path], written: dict[str, Any], name: str) -> None:
+    """Write the dataset (and with synth.pairs.valid_fraction its held-out split) into `written`."""
+    cfg = card[2]
+    train, valid = split_held_out(records, cfg.synth.pairs.valid_fraction, cfg.run.seed)
+    written[name] = {"rows": len(train), "path": str(_write(directory, train, columns, fmt, card))}
+    if cfg.synth.pairs.valid_fraction > 0:
+        title, description, *rest = card
+        held = (f"{title} (validation split)", f"{description} Held-out prompts "
+                f"(synth.pairs.valid_fraction={cfg.synth.pairs.valid_fraction}): no prompt here is in the "
+                f"training split `{directory.name}`.", *rest)
+        written[f"{name}_valid"] = {"rows": len(valid), "path": str(_write(
+            valid_dir(directory), valid, columns, fmt, held, stem="validation"))}
+
+
 def _write(directory: Path, records: list[dict[str, Any]], columns, fmt: str,
-           card: tuple[str, str, AvrConfig, Any, Path] | None = None) -> Path:
+           card: tuple[str, str, AvrConfig, Any, Path] | None = None, stem: str = "train") -> Path:
     """Write the dataset file, and its dataset card (title, description, cfg, run summary,
     synthesis output it was built from) beside it."""
     ext = "parquet" if fmt == "parquet" else "jsonl"
-    path = directory / f"train.{ext}"
+    path = directory / f"{stem}.{ext}"
     write_rows(path, records, record_schema(columns), fmt)
     if card is not None:
         _card(directory, path, records, columns, *card)
@@ -98,17 +144,16 @@ def pairs_stage1(cfg: AvrConfig) -> dict[str, Any]:
     summary, sft, pairs = build_stage1(rows, cfg, mix_source_chosen=mix)
     out = data_root(cfg) / "stage1"
     fmt = cfg.synth.output_format
-    written = {
-        "sft": {"rows": len(sft), "path": str(_write(out / "sft", sft, SFT_COLUMNS, fmt, (
-            "AvR stage-1 RSFT conversations",
-            "Supervised fine-tuning (RSFT) conversations built from AvR stage-1 refinement "
-            "trees; `messages` ends with the assistant turn to learn.", cfg, summary, source)))},
-        "preference": {"rows": len(pairs), "path": str(_write(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
-            "AvR stage-1 preference pairs",
-            "Response, criticism and improvement preference pairs from AvR stage-1 refinement "
-            "trees, in TRL's conversational format, with refinement-aware rewards "
-            "(`reward_gap` = reward_chosen - reward_rejected).", cfg, summary, source)))},
-    }
+    written: dict[str, Any] = {}
+    _write_split(out / "sft", sft, SFT_COLUMNS, fmt, (
+        "AvR stage-1 RSFT conversations",
+        "Supervised fine-tuning (RSFT) conversations built from AvR stage-1 refinement "
+        "trees; `messages` ends with the assistant turn to learn.", cfg, summary, source), written, "sft")
+    _write_split(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
+        "AvR stage-1 preference pairs",
+        "Response, criticism and improvement preference pairs from AvR stage-1 refinement "
+        "trees, in TRL's conversational format, with refinement-aware rewards "
+        "(`reward_gap` = reward_chosen - reward_rejected).", cfg, summary, source), written, "preference")
     return _finish("stage1", out, summary, written, pair_rules=cfg.synth.pairs.gating)
 
 
@@ -121,17 +166,17 @@ def pairs_stage2(cfg: AvrConfig) -> dict[str, Any]:
     summary, sft, pairs = build_stage2(search_rows, thought_rows, cfg)
     out = data_root(cfg) / "stage2"
     fmt = cfg.synth.output_format
-    written = {"sft": {"rows": len(sft), "path": str(_write(out / "sft", sft, SFT_COLUMNS, fmt, (
+    written: dict[str, Any] = {}
+    _write_split(out / "sft", sft, SFT_COLUMNS, fmt, (
         "AvR stage-2 long-thought SFT examples",
         "Long refinement thoughts (answer, criticisms, improvements, final answer) written out "
-        "from AvR stage-2 refinement searches, as SFT conversations.", cfg, summary, source)))}}
+        "from AvR stage-2 refinement searches, as SFT conversations.", cfg, summary, source), written, "sft")
     if have_thoughts:
-        written["preference"] = {"rows": len(pairs),
-                                 "path": str(_write(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
-                                     "AvR stage-2 thought preference pairs",
-                                     "Best-vs-worst sampled long thoughts of the thought-SFT model "
-                                     "(length-controlled unless synth.thoughts.length_control is "
-                                     "off), in TRL's conversational format.", cfg, summary, thoughts_dir)))}
+        _write_split(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
+            "AvR stage-2 thought preference pairs",
+            "Best-vs-worst sampled long thoughts of the thought-SFT model (length-controlled unless "
+            "synth.thoughts.length_control is off), in TRL's conversational format.", cfg, summary,
+            thoughts_dir), written, "preference")
     else:
         print(f"no thought samples in {thoughts_dir}: thought pairs need `avr synth thoughts` with the thought-SFT "
               "model (synth.policy.model); wrote the thought SFT data only")

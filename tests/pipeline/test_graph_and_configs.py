@@ -135,3 +135,60 @@ def test_manifest_skip_logic(tmp_path):
     assert reloaded.is_current("s", "c1", {"a": "y"}, [out]) == (False, "inputs changed: a")
     m.start("s", "c1", {"a": "x"})  # a rerun that is interrupted is not current
     assert not Manifest(tmp_path / "pipeline.json").is_current("s", "c1", {"a": "x"}, [out])[0]
+
+
+def test_stage_facts_live_in_the_records_not_in_names(tmp_path, monkeypatch):
+    """Every stage renamed: the planned configs, inputs, outputs and owned directories are the
+    same up to the names, so no module special-cases a stage by its name."""
+    from dataclasses import replace
+
+    from avr_megatron.pipeline import graph, stage_configs
+
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "pipeline.stages.stage1_dpo.loss.beta=0.3",
+                             "synth.pairs.valid_fraction=0.2"])
+    before = plan_stages(cfg)
+    new = {n: f"renamed-{n}" for n in STAGE_NAMES}
+
+    def renamed(s):
+        return replace(s, name=new[s.name], model_from=new.get(s.model_from, s.model_from),
+                       reference_for=new.get(s.reference_for, s.reference_for),
+                       baseline_from=new.get(s.baseline_from, s.baseline_from))
+
+    stages = tuple(renamed(s) for s in graph.STAGES)
+    monkeypatch.setattr(stage_configs, "STAGES", stages)
+    monkeypatch.setattr(stage_configs, "BY_NAME", {s.name: s for s in stages})
+    monkeypatch.setattr(stage_configs, "REFERENCE_OF", {s.reference_for: s for s in stages if s.reference_for})
+    cfg.pipeline.stages = {new[name]: layer for name, layer in cfg.pipeline.stages.items()}
+    after = plan_stages(cfg)
+
+    def text(plan):
+        from omegaconf import OmegaConf
+
+        c = OmegaConf.to_container(OmegaConf.structured(plan.cfg))
+        c["pipeline"]["stages"] = {}
+        return repr((OmegaConf.to_yaml(c), plan.inputs, plan.outputs, plan.owns, plan.export)).replace("renamed-", "")
+
+    assert [text(p) for p in after] == [text(p) for p in before]
+    assert after[6].cfg.loss.beta == after[5].cfg.loss.beta == 0.3  # the DPO stage and its log-probs
+    assert after[6].cfg.loss.reference == "precomputed" and after[-1].cfg.eval.long_thought
+
+
+def test_held_out_splits_become_the_training_stages_validation_data(tmp_path):
+    plain = {p.stage.name: p for p in plan_stages(load_config(TINY, [f"run.dir={tmp_path}"]))}
+    assert all(p.cfg.data.valid is None for p in plain.values())  # default: as before, no validation
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "synth.pairs.valid_fraction=0.2"])
+    plans = {p.stage.name: p for p in plan_stages(cfg)}
+    for name, dataset in [("rsft", "base/stage1/sft"), ("stage1_ref_logps", "onpolicy/stage1/preference"),
+                          ("stage1_dpo", "onpolicy/stage1/preference"), ("thought_sft", "thought_sft/stage2/sft"),
+                          ("lcdpo", "lcdpo/stage2/preference")]:
+        c = plans[name].cfg
+        assert c.data.train == str(tmp_path / "data" / dataset)
+        assert c.data.valid == c.data.train + "_valid" and Path(c.data.valid) in plans[name].inputs
+    valid_store = Path(plans["stage1_dpo"].cfg.data.valid + ".ref_logps") / "logps.parquet"
+    assert valid_store in plans["stage1_ref_logps"].outputs and valid_store in plans["stage1_dpo"].inputs
+    assert tmp_path / "data" / "onpolicy" / "stage1" / "preference_valid" in plans["stage1_pairs"].outputs
+    with pytest.raises(ConfigError, match="pipeline.stages.stage1_pairs sets synth.pairs.valid_fraction"):
+        plan_stages(load_config(TINY, [f"run.dir={tmp_path}", "pipeline.stages.stage1_pairs.synth.pairs.valid_fraction=0.5"]))
+    with pytest.raises(ConfigError, match="pipeline wires data.valid"):
+        plan_stages(load_config(TINY, [f"run.dir={tmp_path}", "synth.pairs.valid_fraction=0.2",
+                                       "pipeline.stages.rsft.data.valid=/elsewhere"]))

@@ -1,7 +1,8 @@
 """The dataset card of a synthesis output directory: written once every shard has finished, says
 what made the rows (models, seed, configuration fingerprint), counts them and lists the skipped
 input records with their reasons; `datasets.load_dataset(<directory>)` still reads the rows and the
-card changes no content fingerprint. Engines are deterministic fakes (milliseconds)."""
+card changes no content fingerprint; `avr pairs` with synth.pairs.valid_fraction holds out whole
+prompts. Engines are deterministic fakes (milliseconds)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,39 @@ def test_card_says_when_nothing_was_skipped(tmp_path):
     assert "AvR stage-2 refinement searches" in text and "- records: 3\n" in text
     assert "None: every input record was synthesised." in text
     assert "train-00000-of-00001-c000000.jsonl" in text
+
+
+def test_held_out_split_keeps_every_prompt_on_one_side(tmp_path):
+    from datasets import load_dataset
+
+    from avr_megatron.synth.pairs import split_held_out, valid_dir
+
+    cfg = load_config(RECIPE, [f"run.dir={tmp_path}", "synth.input.limit=12", "synth.progress=false",
+                               "synth.policy.model=null", "synth.reward.model=null", "synth.pairs.valid_fraction=0.25",
+                               f"synth.input.path={REPO / 'data' / 'prompts' / 'tiny_prompts.jsonl'}"])
+    run_pass("stage1", cfg, engines=(_Chat(), _Reward()))
+    written = pairs_stage1(cfg)["outputs"]
+    assert set(written) == {"sft", "sft_valid", "preference", "preference_valid"}
+    for name in ("sft", "preference"):
+        train_dir = Path(written[name]["path"]).parent
+        assert Path(written[f"{name}_valid"]["path"]) == valid_dir(train_dir) / "validation.parquet"
+        train = load_dataset(str(train_dir), split="train")
+        valid = load_dataset(str(valid_dir(train_dir)), split="validation")
+        assert valid.num_rows == written[f"{name}_valid"]["rows"] > 0 and train.num_rows == written[name]["rows"] > 0
+        assert not set(train["prompt_id"]) & set(valid["prompt_id"])
+        assert "(validation split)" in (valid_dir(train_dir) / "README.md").read_text()
+    # The same prompts are held out of both datasets (a hash of seed and prompt id).
+    sft_valid = set(load_dataset(str(valid_dir(Path(written["sft"]["path"]).parent)), split="validation")["prompt_id"])
+    pref_valid = set(load_dataset(str(valid_dir(Path(written["preference"]["path"]).parent)),
+                                  split="validation")["prompt_id"])
+    pref_all = pref_valid | set(load_dataset(str(Path(written["preference"]["path"]).parent), split="train")["prompt_id"])
+    assert pref_valid == sft_valid & pref_all
+
+    rows = [{"prompt_id": f"p{i}", "n": j} for i in range(40) for j in range(3)]
+    assert split_held_out(rows, 0.0, 1) == (rows, [])
+    train, valid = split_held_out(rows, 0.25, 1)
+    assert len(train) + len(valid) == len(rows) and 3 <= len({r["prompt_id"] for r in valid}) <= 20
+    assert split_held_out(rows, 0.25, 1) == (train, valid) and split_held_out(rows, 0.25, 2) != (train, valid)
+    one, held = split_held_out(rows[:3] + rows[3:6], 0.001, 1)  # two prompts: one held out, never both
+    assert len({r["prompt_id"] for r in held}) == 1 and len({r["prompt_id"] for r in one}) == 1
+    assert split_held_out(rows[:3], 0.9, 1) == (rows[:3], [])  # a single prompt stays in training
