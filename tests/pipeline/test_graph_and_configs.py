@@ -152,7 +152,8 @@ def test_held_out_splits_become_the_training_stages_validation_data(tmp_path):
     assert valid_store in plans["stage1_ref_logps"].outputs and valid_store in plans["stage1_dpo"].inputs
     assert tmp_path / "data" / "onpolicy" / "stage1" / "preference_valid" in plans["stage1_pairs"].outputs
     with pytest.raises(ConfigError, match="pipeline.stages.stage1_pairs sets synth.pairs.valid_fraction"):
-        plan_stages(load_config(TINY, [f"run.dir={tmp_path}", "pipeline.stages.stage1_pairs.synth.pairs.valid_fraction=0.5"]))
+        plan_stages(load_config(TINY, [f"run.dir={tmp_path}",
+                                       "pipeline.stages.stage1_pairs.synth.pairs.valid_fraction=0.5"]))
     with pytest.raises(ConfigError, match="pipeline wires data.valid"):
         plan_stages(load_config(TINY, [f"run.dir={tmp_path}", "synth.pairs.valid_fraction=0.2",
                                        "pipeline.stages.rsft.data.valid=/elsewhere"]))
