@@ -1,4 +1,4 @@
-"""`avr train sft|dpo` and `avr logps`: training stages and reference log-probs from a recipe.
+"""`avr train sft|dpo` and `avr logps`: training runs and reference log-probs from a recipe.
 
 Exit codes (docs/faults.md): 0 done, 2 bad recipe/data/reference log-probs/checkpoint (message
 names the key, file, record or field; a checkpoint whose pickles would run code is refused),
@@ -22,7 +22,7 @@ def shutdown() -> None:
         full_shutdown()
 
 
-def _storage_error(stage: str, cfg, e: Exception):
+def _storage_error(command: str, cfg, e: Exception):
     """A StorageError for `e` (raised as one, or an OSError of a full/read-only disk while
     writing under run.dir), else None."""
     from pathlib import Path
@@ -35,12 +35,12 @@ def _storage_error(stage: str, cfg, e: Exception):
         return None
     path = e.filename or Path(cfg.run.dir)
     kept = ("the log-prob parts written so far (the rerun computes only the rest)"
-            if stage == "logps" else "every checkpoint saved so far (the rerun resumes from the "
+            if command == "logps" else "every checkpoint saved so far (the rerun resumes from the "
                                      "newest)")
     return storage_error(path, e, kept=kept, probe=False)
 
 
-def _failed_summary(stage: str, cfg, error) -> None:
+def _failed_summary(command: str, cfg, error) -> None:
     """train_summary.json saying why the run stopped, where the disk allows it."""
     import json
     from pathlib import Path
@@ -49,12 +49,12 @@ def _failed_summary(stage: str, cfg, error) -> None:
 
     try:
         atomic_write_text(Path(cfg.run.dir) / "train_summary.json", json.dumps(
-            {"stage": stage, "status": "failed", "error": str(error)}, indent=2) + "\n")
+            {"stage": command, "status": "failed", "error": str(error)}, indent=2) + "\n")
     except OSError:
         pass
 
 
-def _report(stage: str, fn, cfg) -> int:
+def _report(command: str, fn, cfg) -> int:
     from avr_megatron.checkpoint.dist_ckpt import CheckpointError
     from avr_megatron.data.records import DataError
     from avr_megatron.runtime.distributed import is_rank0
@@ -64,20 +64,20 @@ def _report(stage: str, fn, cfg) -> int:
     try:
         result = fn(cfg)
     except (DataError, ReferenceLogpsError, CheckpointError) as e:
-        print(f"avr {stage}: error: {e}", file=sys.stderr)
+        print(f"avr {command}: error: {e}", file=sys.stderr)
         shutdown()
         return 2
     except TrainingAborted as e:
-        print(f"avr {stage}: aborted: {e}", file=sys.stderr)
+        print(f"avr {command}: aborted: {e}", file=sys.stderr)
         shutdown()
         return 1
     except Exception as e:
-        error = _storage_error(stage, cfg, e)
+        error = _storage_error(command, cfg, e)
         if error is None:
             raise
-        print(f"avr {stage}: error: {error}", file=sys.stderr)
+        print(f"avr {command}: error: {error}", file=sys.stderr)
         if is_rank0():
-            _failed_summary(stage, cfg, error)
+            _failed_summary(command, cfg, error)
         shutdown()
         return EXIT_STORAGE
     code = 0
@@ -86,31 +86,31 @@ def _report(stage: str, fn, cfg) -> int:
         last = s["last"]
         shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "rewards/accuracies")
                           if isinstance(last.get(k), float))
-        print(f"avr {stage}: {s['status']} at iteration {s['iteration']}/{s['train_iters']} "
+        print(f"avr {command}: {s['status']} at iteration {s['iteration']}/{s['train_iters']} "
               f"({shown}); summary in {cfg.run.dir}/train_summary.json, checkpoints in "
               f"{s['checkpoint_dir']}")
         code = result.exit_code
     elif is_rank0():
         for path, computed in result:
-            print(f"avr {stage}: reference log-probs "
+            print(f"avr {command}: reference log-probs "
                   f"{'written to' if computed else 'up to date in'} {path}")
     shutdown()
     return code
 
 
 def sft(args, cfg) -> int:
-    from avr_megatron.training.stages import run_sft
+    from avr_megatron.training.runs import run_sft
 
     return _report("train sft", run_sft, cfg)
 
 
 def dpo(args, cfg) -> int:
-    from avr_megatron.training.stages import run_dpo
+    from avr_megatron.training.runs import run_dpo
 
     return _report("train dpo", run_dpo, cfg)
 
 
 def logps(args, cfg) -> int:
-    from avr_megatron.training.stages import run_logps
+    from avr_megatron.training.runs import run_logps
 
     return _report("logps", run_logps, cfg)

@@ -181,7 +181,7 @@ def _run_one(plan: StagePlan, ex: Any, manifest: Manifest, root: Path, cfg: AvrC
               "to resume", file=sys.stderr)
         return 130
     outputs = {str(p): fingerprint(p) for p in plan.outputs}
-    manifest.finish(name, "done", outputs, stage_summary(plan, root))
+    manifest.finish(name, "done", outputs, stage_summary(plan))
     print(f"{counter} {name}: done in {time.time() - t0:.0f} s", file=out, flush=True)
     return 0
 
@@ -193,9 +193,7 @@ def start_fresh(plan: StagePlan) -> None:
     for child in plan.dir.iterdir() if plan.dir.exists() else ():
         if child.name not in ("logs", "stage.yaml"):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    for out in plan.outputs:
-        # The directory that owns an output: a synthesis store, a log-prob store, eval answers.
-        owner = out.parent if out.name in ("data", "logps.parquet", "answers") else out
+    for owner in plan.owns:
         if owner.is_dir():
             shutil.rmtree(owner)
         elif owner.exists():

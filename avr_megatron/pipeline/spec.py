@@ -35,7 +35,7 @@ class StageTask:
 
 @dataclass(frozen=True)
 class StageSpec:
-    # Stage name from the pipeline graph, e.g. "rsft", "synth_stage1_onpolicy".
+    # Stage name from the pipeline graph, e.g. "rsft", "stage1_trees".
     name: str
     tasks: tuple[StageTask, ...]
     # One of RESOURCE_PROFILES: which executor resource profile (synth | train | cpu).

@@ -1,5 +1,6 @@
 """One validated config per stage: the recipe, the stage's `pipeline.stages.<name>` overrides,
-and the wiring that connects stages (which model a stage starts from, where it reads and writes).
+and the wiring that connects stages (which model a stage starts from, where it reads and writes),
+derived from the stage's record in avr_megatron.pipeline.graph.
 
 Layout under run.dir (R):
   R/stages/<stage>/       the stage's run.dir: stage.yaml, logs/, checkpoints, summaries
@@ -21,37 +22,7 @@ from typing import Any
 from avr_megatron.config.errors import ConfigError
 from avr_megatron.config.schema import AvrConfig
 from avr_megatron.config.validate import check_stage2_start
-from avr_megatron.pipeline.graph import BY_NAME, STAGES, Stage
-
-# Synthesis output root and dataset root of each synthesis / pairs stage.
-SYNTH_ROOT = {"stage1_trees_base": "base", "stage1_pairs_base": "base",
-              "stage1_trees": "onpolicy", "stage1_pairs": "onpolicy",
-              "stage2_search": "stage2", "stage2_sft_data": "stage2",
-              "stage2_thoughts": "stage2", "stage2_pairs": "stage2"}
-DATA_ROOT = {"stage1_pairs_base": "base", "stage1_pairs": "onpolicy",
-             "stage2_sft_data": "thought_sft", "stage2_pairs": "lcdpo"}
-# Training stages: (data root, dataset) they train on; stage -> the dataset directory.
-TRAIN_DATA = {"rsft": ("base", "stage1/sft"),
-              "stage1_ref_logps": ("onpolicy", "stage1/preference"),
-              "stage1_dpo": ("onpolicy", "stage1/preference"),
-              "thought_sft": ("thought_sft", "stage2/sft"),
-              "lcdpo_ref_logps": ("lcdpo", "stage2/preference"),
-              "lcdpo": ("lcdpo", "stage2/preference")}
-# What each stage reads beyond its model (stage -> paths relative to R), for skip decisions.
-SYNTH_OUT = {"stage1_trees_base": "synth/base/stage1", "stage1_trees": "synth/onpolicy/stage1",
-             "stage2_search": "synth/stage2/stage2", "stage2_thoughts": "synth/stage2/thoughts"}
-# Fingerprinted are the data files only, not summaries or manifests (they hold timings and
-# absolute paths), so identical results count as identical wherever and whenever they were made.
-READS = {"stage1_pairs_base": ["synth/base/stage1/data"], "stage1_pairs": ["synth/onpolicy/stage1/data"],
-         "stage2_sft_data": ["synth/stage2/stage2/data"],
-         "stage2_thoughts": ["synth/stage2/stage2/data"],
-         "stage2_pairs": ["synth/stage2/stage2/data", "synth/stage2/thoughts/data"],
-         "stage1_dpo": ["data/onpolicy/stage1/preference.ref_logps/logps.parquet"],
-         "lcdpo": ["data/lcdpo/stage2/preference.ref_logps/logps.parquet"]}
-# The datasets each pairs stage writes (under its data root).
-PAIRS_OUT = {"stage1_pairs_base": ["stage1/sft", "stage1/preference"],
-             "stage1_pairs": ["stage1/sft", "stage1/preference"],
-             "stage2_sft_data": ["stage2/sft"], "stage2_pairs": ["stage2/sft", "stage2/preference"]}
+from avr_megatron.pipeline.graph import BY_NAME, REFERENCE_OF, STAGES, Stage
 
 
 @dataclass(frozen=True)
@@ -66,6 +37,9 @@ class StagePlan:
     outputs: tuple[Path, ...]
     # The HF model this stage exports (training stages), removed before a rerun.
     export: Path | None
+    # What a fresh start of this stage removes: the directory owning each output (a synthesis
+    # store, a log-prob store, a dataset, an export, the eval answers), one per output.
+    owns: tuple[Path, ...] = ()
 
 
 def model_dir(cfg: AvrConfig, name: str) -> Path:
@@ -75,61 +49,82 @@ def model_dir(cfg: AvrConfig, name: str) -> Path:
     return Path(cfg.run.dir).resolve() / "models" / name
 
 
-def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> tuple[dict[str, Any], list[Path], list[Path]]:
-    name = stage.name
-    w: dict[str, Any] = {"run": {"dir": str(root / "stages" / name)}}
-    inputs = [root / p for p in READS.get(name, [])]
-    outputs: list[Path] = []
+@dataclass
+class _Wiring:
+    """A stage's wired keys, with what it reads and writes (output path -> the directory a
+    fresh start removes), built from its record in the stage graph."""
+
+    keys: dict[str, Any]
+    inputs: list[Path]
+    outputs: dict[Path, Path]
+
+
+def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> _Wiring:
+    w = _Wiring({"run": {"dir": str(root / "stages" / stage.name)}}, [], {})
     base = model_dir(cfg, "base")
     model = model_dir(cfg, stage.model_from) if stage.model_from else None
+    synth_out = root / "synth" / stage.synth_root if stage.synth_root else None
+    # Fingerprinted are the data files only, not summaries or manifests (they hold timings and
+    # absolute paths), so identical results count as identical wherever and whenever they were made.
+    w.inputs += [synth_out / kind / "data" for kind in stage.reads_passes]
+    reference = REFERENCE_OF.get(stage.name)
+    if reference is not None:
+        w.inputs.append(_logps_store(root / "data" / reference.train_data))
     synth: dict[str, Any] = {}
-    if name in SYNTH_ROOT:
-        synth["output_dir"] = str(root / "synth" / SYNTH_ROOT[name])
+    if synth_out is not None:
+        synth["output_dir"] = str(synth_out)
     held_out = cfg.synth.pairs.valid_fraction > 0  # `avr pairs` writes held-out splits
     if held_out:
         from avr_megatron.synth.pairs import valid_dir
-    if name in DATA_ROOT:
-        synth["data_dir"] = str(root / "data" / DATA_ROOT[name])
-        outputs += [root / "data" / DATA_ROOT[name] / d for d in PAIRS_OUT[name]]
+    if stage.data_root:
+        data = root / "data" / stage.data_root
+        synth["data_dir"] = str(data)
+        w.outputs.update({data / d: data / d for d in stage.writes_datasets})
         if held_out:
-            outputs += [valid_dir(root / "data" / DATA_ROOT[name] / d) for d in PAIRS_OUT[name]]
+            w.outputs.update({valid_dir(data / d): valid_dir(data / d) for d in stage.writes_datasets})
     if stage.command[0] == "synth":
         # Provenance names the pipeline model ("base", "rsft", ...), not a run-specific path.
         synth["policy"] = {"model": str(model), "name": f"{cfg.run.name}:{stage.model_from}"}
-        inputs.append(model)
-        outputs.append(root / SYNTH_OUT[name] / "data")
-        if stage.command[1] == "stage1" or stage.command[1] == "stage2":
-            if cfg.synth.input.path:
-                inputs.append(Path(cfg.synth.input.path))
+        w.inputs.append(model)
+        w.outputs[synth_out / stage.command[1] / "data"] = synth_out / stage.command[1]
+        if stage.reads_prompts and cfg.synth.input.path:
+            w.inputs.append(Path(cfg.synth.input.path))
     if synth:
-        w["synth"] = synth
-    if name in TRAIN_DATA:
-        data_root, dataset = TRAIN_DATA[name]
-        train = root / "data" / data_root / dataset
-        w["data"] = {"train": str(train), "tokenizer": str(base)}
-        w["model"] = {"init_from": {"hf": str(model), "mcore": None}}
-        inputs += [train, model]
-        if stage.command == ("logps",):
-            outputs.append(Path(str(train) + ".ref_logps") / "logps.parquet")
-        if stage.command == ("train", "dpo"):
-            w["loss"] = {"reference": "precomputed"}  # from the *_ref_logps stage before it
+        w.keys["synth"] = synth
+    if stage.train_data:
+        train = root / "data" / stage.train_data
+        w.keys["data"] = {"train": str(train), "tokenizer": str(base)}
+        w.keys["model"] = {"init_from": {"hf": str(model), "mcore": None}}
+        w.inputs += [train, model]
+        datasets = [train]
         if held_out:
             valid = valid_dir(train)
-            w["data"]["valid"] = str(valid)
-            inputs.append(valid)
-            store = Path(str(valid) + ".ref_logps") / "logps.parquet"
-            if stage.command == ("logps",):
-                outputs.append(store)
-            if stage.command == ("train", "dpo"):
-                inputs.append(store)
+            w.keys["data"]["valid"] = str(valid)
+            w.inputs.append(valid)
+            datasets.append(valid)
+        stores = [_logps_store(d) for d in datasets]
+        if stage.reference_for:
+            w.outputs.update({s: s.parent for s in stores})
+        if reference is not None:
+            w.keys["loss"] = {"reference": "precomputed"}  # from the log-prob stage before it
+            w.inputs += stores[1:]  # the training set's store is listed first (above)
     if stage.exports_model:
-        w.setdefault("checkpoint", {})["export_hf"] = str(model_dir(cfg, name))
-        outputs.append(model_dir(cfg, name))
-    if name == "eval":
-        w["eval"] = {"model": str(model), "baseline_model": str(base), "long_thought": True}
-        inputs += [model, base]
-        outputs.append(root / "stages" / "eval" / "eval" / "answers")
-    return w, inputs, outputs
+        w.keys.setdefault("checkpoint", {})["export_hf"] = str(model_dir(cfg, stage.name))
+        w.outputs[model_dir(cfg, stage.name)] = model_dir(cfg, stage.name)
+    if stage.baseline_from:
+        baseline = model_dir(cfg, stage.baseline_from)
+        w.keys["eval"] = {"model": str(model), "baseline_model": str(baseline),
+                          "long_thought": stage.long_thought}
+        w.inputs += [model, baseline]
+    for rel in stage.writes_in_run_dir:
+        out = root / "stages" / stage.name / rel
+        w.outputs[out] = out.parent
+    return w
+
+
+def _logps_store(data: Path) -> Path:
+    """Where a log-prob stage stores the reference log-probs of a dataset: next to it."""
+    return Path(str(data) + ".ref_logps") / "logps.parquet"
 
 
 def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -176,7 +171,7 @@ def _stage_config(base_cfg: AvrConfig, stage: Stage, wiring: dict[str, Any]) -> 
     user = base_cfg.pipeline.stages.get(stage.name) or {}
     # The logps stages compute the reference of the DPO stage that follows them: they share its
     # overrides (sequence length, batch layout) so the stored log-probs match its batches.
-    dpo = {"stage1_ref_logps": "stage1_dpo", "lcdpo_ref_logps": "lcdpo"}.get(stage.name)
+    dpo = stage.reference_for
     layers = ([(base_cfg.pipeline.stages.get(dpo) or {}, f"pipeline.stages.{dpo}")] if dpo else [])
     layers += [(user, f"pipeline.stages.{stage.name}")]
     _check_wiring_conflicts(stage, wiring, layers)
@@ -208,8 +203,8 @@ def plan_stages(cfg: AvrConfig, stages: list[Stage] | None = None) -> list[Stage
     root = Path(cfg.run.dir).resolve()
     plans = []
     for stage in STAGES:
-        wiring, inputs, outputs = _wiring(stage, cfg, root)
-        stage_cfg = _stage_config(cfg, stage, wiring)
+        wiring = _wiring(stage, cfg, root)
+        stage_cfg = _stage_config(cfg, stage, wiring.keys)
         if stage_cfg.synth.pairs.valid_fraction != cfg.synth.pairs.valid_fraction:
             raise ConfigError(f"pipeline.stages.{stage.name} sets synth.pairs.valid_fraction: set it in the "
                               "recipe, for every stage (the training stages read the held-out splits it makes)")
@@ -219,7 +214,8 @@ def plan_stages(cfg: AvrConfig, stages: list[Stage] | None = None) -> list[Stage
             except ConfigError as e:
                 raise ConfigError(f"stage {stage.name} (recipe + pipeline.stages.{stage.name}): {e}") from None
         d = root / "stages" / stage.name
-        plans.append(StagePlan(stage, stage_cfg, d, d / "stage.yaml", tuple(inputs), tuple(outputs),
-                               model_dir(cfg, stage.name) if stage.exports_model else None))
+        plans.append(StagePlan(stage, stage_cfg, d, d / "stage.yaml", tuple(wiring.inputs),
+                               tuple(wiring.outputs), model_dir(cfg, stage.name) if stage.exports_model
+                               else None, tuple(wiring.outputs.values())))
     wanted = {s.name for s in stages} if stages is not None else None
     return [p for p in plans if wanted is None or p.stage.name in wanted]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from avr_megatron.pipeline.stage_configs import SYNTH_OUT, StagePlan
+from avr_megatron.pipeline.stage_configs import StagePlan
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -17,10 +17,10 @@ def _json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def stage_summary(plan: StagePlan, root: Path) -> dict[str, Any]:
-    name, cmd = plan.stage.name, plan.stage.command
+def stage_summary(plan: StagePlan) -> dict[str, Any]:
+    cmd = plan.stage.command
     if cmd[0] == "synth":
-        s = _json(root / SYNTH_OUT[name] / "summary.json").get("summary", {})
+        s = _json(Path(plan.cfg.synth.output_dir) / cmd[1] / "summary.json").get("summary", {})
         out = {"prompts": s.get("prompts"), "trees": s.get("trees") or None,
                "thoughts": (s.get("events") or {}).get("thoughts_sampled")}
         gains = {r: s["gain_sum"][r] / c for r, c in s.get("gain_count", {}).items() if c}

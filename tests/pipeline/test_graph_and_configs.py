@@ -137,6 +137,42 @@ def test_manifest_skip_logic(tmp_path):
     assert not Manifest(tmp_path / "pipeline.json").is_current("s", "c1", {"a": "x"}, [out])[0]
 
 
+def test_stage_facts_live_in_the_records_not_in_names(tmp_path, monkeypatch):
+    """Every stage renamed: the planned configs, inputs, outputs and owned directories are the
+    same up to the names, so no module special-cases a stage by its name."""
+    from dataclasses import replace
+
+    from avr_megatron.pipeline import graph, stage_configs
+
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "pipeline.stages.stage1_dpo.loss.beta=0.3",
+                             "synth.pairs.valid_fraction=0.2"])
+    before = plan_stages(cfg)
+    new = {n: f"renamed-{n}" for n in STAGE_NAMES}
+
+    def renamed(s):
+        return replace(s, name=new[s.name], model_from=new.get(s.model_from, s.model_from),
+                       reference_for=new.get(s.reference_for, s.reference_for),
+                       baseline_from=new.get(s.baseline_from, s.baseline_from))
+
+    stages = tuple(renamed(s) for s in graph.STAGES)
+    monkeypatch.setattr(stage_configs, "STAGES", stages)
+    monkeypatch.setattr(stage_configs, "BY_NAME", {s.name: s for s in stages})
+    monkeypatch.setattr(stage_configs, "REFERENCE_OF", {s.reference_for: s for s in stages if s.reference_for})
+    cfg.pipeline.stages = {new[name]: layer for name, layer in cfg.pipeline.stages.items()}
+    after = plan_stages(cfg)
+
+    def text(plan):
+        from omegaconf import OmegaConf
+
+        c = OmegaConf.to_container(OmegaConf.structured(plan.cfg))
+        c["pipeline"]["stages"] = {}
+        return repr((OmegaConf.to_yaml(c), plan.inputs, plan.outputs, plan.owns, plan.export)).replace("renamed-", "")
+
+    assert [text(p) for p in after] == [text(p) for p in before]
+    assert after[6].cfg.loss.beta == after[5].cfg.loss.beta == 0.3  # the DPO stage and its log-probs
+    assert after[6].cfg.loss.reference == "precomputed" and after[-1].cfg.eval.long_thought
+
+
 def test_held_out_splits_become_the_training_stages_validation_data(tmp_path):
     plain = {p.stage.name: p for p in plan_stages(load_config(TINY, [f"run.dir={tmp_path}"]))}
     assert all(p.cfg.data.valid is None for p in plain.values())  # default: as before, no validation

@@ -50,7 +50,7 @@ def _dpo_mixed_gaps_case(tmp):
     from avr_megatron.runtime.distributed import is_rank0
     from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
     from avr_megatron.testing.toy_data import preference_records, write_jsonl
-    from avr_megatron.training.stages import run_dpo
+    from avr_megatron.training.runs import run_dpo
 
     tmp = Path(tmp)
     records = preference_records(24, seed=3)
@@ -107,7 +107,7 @@ def _overlap_case(tmp, overrides):
     from avr_megatron.runtime.distributed import is_rank0
     from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
     from avr_megatron.testing.toy_data import sft_records, write_jsonl
-    from avr_megatron.training.stages import run_sft
+    from avr_megatron.training.runs import run_sft
 
     tmp = Path(tmp)
     from avr_megatron.runtime.distributed import initialize

@@ -31,7 +31,7 @@ def _case(tmp):
     from avr_megatron.config import load_config
     from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
     from avr_megatron.testing.toy_data import preference_records, sft_records, write_jsonl
-    from avr_megatron.training.stages import run_dpo, run_logps, run_sft
+    from avr_megatron.training.runs import run_dpo, run_logps, run_sft
 
     tmp = Path(tmp)
     tok = train_tiny_tokenizer(tmp / "tok")

@@ -31,7 +31,7 @@ def _case(tmp):
     from avr_megatron.config import load_config
     from avr_megatron.testing.tiny_hf import make_tiny_llama
     from avr_megatron.testing.toy_data import preference_records, write_jsonl
-    from avr_megatron.training.stages import run_dpo
+    from avr_megatron.training.runs import run_dpo
 
     tmp = Path(tmp)
     hf_dir = make_tiny_llama(tmp / "hf", seed=3)

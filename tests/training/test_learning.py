@@ -56,7 +56,7 @@ def _case(tmp):
     from avr_megatron.training.losses.common import SequenceLogprobs
     from avr_megatron.training.losses.sft import SFTObjective
     from avr_megatron.training.reference import build_reference_model, forward_sequence_logprobs
-    from avr_megatron.training.stages import run_dpo, run_sft
+    from avr_megatron.training.runs import run_dpo, run_sft
 
     tmp = Path(tmp)
     tok = train_tiny_tokenizer(tmp / "tok")

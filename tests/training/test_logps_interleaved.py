@@ -5,7 +5,7 @@ the stored log-probs equal the PP=1 run's."""
 import pytest
 
 from avr_megatron.testing.distributed import run_distributed
-from avr_megatron.training.reference import schedule_microbatches
+from avr_megatron.training.schedule import schedule_microbatches
 
 
 def test_schedule_microbatches():
@@ -26,7 +26,7 @@ def _logps_case(tmp):
     from avr_megatron.runtime.distributed import initialize, is_rank0, seed_everything
     from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
     from avr_megatron.testing.toy_data import preference_records, write_jsonl
-    from avr_megatron.training.stages import run_logps
+    from avr_megatron.training.runs import run_logps
 
     tmp = Path(tmp)
     base = ["model.preset=tiny", "model.num_layers=4", "train.seq_length=128",

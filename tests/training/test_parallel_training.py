@@ -96,7 +96,7 @@ def _curves(tmp):
     from avr_megatron.runtime.distributed import initialize, is_rank0, seed_everything
     from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
     from avr_megatron.testing.toy_data import preference_records, sft_records, write_jsonl
-    from avr_megatron.training.stages import run_dpo, run_logps, run_sft
+    from avr_megatron.training.runs import run_dpo, run_logps, run_sft
 
     tmp = Path(tmp)
     if is_rank0():

@@ -1,5 +1,6 @@
-"""Training stages wired from the recipe: SFT and preference optimisation (DPO family) on the
-generic loop."""
+"""Training runs wired from the recipe: SFT, preference optimisation (DPO family) and reference
+log-probs on the generic loop (`avr train sft|dpo`, `avr logps`; a pipeline stage runs one of
+these commands: the pipeline's stages are avr_megatron.pipeline.graph's)."""
 
 from __future__ import annotations
 
