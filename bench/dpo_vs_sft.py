@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         compute_store,
     )
     from avr_megatron.training.setup import build_optimizer, build_scheduler, wrap_ddp
-    from avr_megatron.training.step import forward_backward
+    from avr_megatron.training.schedule import forward_backward
 
     work = tempfile.TemporaryDirectory(prefix="avr-bench-")
     tmp = Path(work.name)
@@ -114,8 +114,8 @@ def main(argv=None) -> int:
             for c in chunks:
                 c.zero_grad_buffer()
             optimizer.zero_grad()
-            forward_backward(objective.forward_step, iter(batches), chunks, num_microbatches=2,
-                             seq_length=L, micro_batch_size=2)
+            forward_backward(objective.forward_step, batches, chunks, seq_length=L,
+                             micro_batch_size=2)
             optimizer.step()
             scheduler.step(1)
             dt = time.perf_counter() - t0

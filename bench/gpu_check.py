@@ -220,7 +220,7 @@ def _timed_steps(cfg, objective_name: str, use_te: bool, steps: int, seq: int, g
         num_microbatches,
         wrap_ddp,
     )
-    from avr_megatron.training.step import forward_backward, optimizer_step
+    from avr_megatron.training.step import train_step
 
     m = cfg.model
     bf16 = cfg.precision.bf16
@@ -254,18 +254,12 @@ def _timed_steps(cfg, objective_name: str, use_te: bool, steps: int, seq: int, g
             torch.cuda.synchronize()
         t0 = time.perf_counter()  # as the trainer times a step: reference pass included
         objective.prepare(batches)
-        for c in chunks:
-            c.zero_grad_buffer()
-        optimizer.zero_grad()
-        metrics = forward_backward(objective.forward_step, iter(batches), chunks,
-                                   num_microbatches=n_mb, seq_length=seq, micro_batch_size=1)
-        updated, grad_norm = optimizer_step(optimizer)
-        if updated:
-            scheduler.step(increment=1)
+        result = train_step(objective.forward_step, batches, chunks, optimizer, scheduler,
+                            seq_length=seq, micro_batch_size=1)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        losses.append(metrics["loss"])
+        losses.append(result.metrics["loss"])
         if step > start_step or steps == 1:
             real = sum(b.real_tokens() for b in batches)
             lengths = [int((b.segment == s).sum()) for b in batches

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
 from avr_megatron.data.batches import collate
 from avr_megatron.data.dataset import TrainingData
@@ -50,9 +49,7 @@ def evaluate(objective, chunks, validation: Validation, *, global_batch_size: in
              seq_length: int, schedule_micro_batch_size: int,
              microbatches_per_call: int) -> dict[str, float]:
     """{"eval/<metric>": value} over the validation set (valid on every rank)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from avr_megatron.training.step import reduce_metrics
+    from avr_megatron.training.schedule import reduce_metrics, run_schedule
 
     v = validation.data
     bins = validation_bins(v.plan.num_bins, global_batch_size, eval_iters)
@@ -61,17 +58,14 @@ def evaluate(objective, chunks, validation: Validation, *, global_batch_size: in
     for chunk in chunks:
         chunk.eval()
     try:
-        with torch.no_grad():
-            for start in range(0, len(microbatches), microbatches_per_call):
-                batches = [collate(v.data, v.plan, mb, v.chat.pad_id)
-                           for mb in microbatches[start:start + microbatches_per_call]]
-                validation.prepare(batches)
-                iters = [iter(batches) for _ in chunks]
-                reported += get_forward_backward_func()(
-                    forward_step_func=objective.forward_step,
-                    data_iterator=iters if len(chunks) > 1 else iters[0], model=chunks,
-                    num_microbatches=len(batches), seq_length=seq_length,
-                    micro_batch_size=schedule_micro_batch_size, forward_only=True)
+        for start in range(0, len(microbatches), microbatches_per_call):
+            batches = [collate(v.data, v.plan, mb, v.chat.pad_id)
+                       for mb in microbatches[start:start + microbatches_per_call]]
+            validation.prepare(batches)
+            reported += run_schedule(objective.forward_step, batches, chunks,
+                                     seq_length=seq_length,
+                                     micro_batch_size=schedule_micro_batch_size,
+                                     forward_only=True)
     finally:
         for chunk in chunks:
             chunk.train()

@@ -14,13 +14,16 @@ Faults: a step whose loss or gradients are not finite is skipped (no update) and
 train.max_consecutive_nonfinite in a row abort. SIGTERM/SIGUSR1 checkpoint and stop with
 EXIT_PREEMPTED. Checkpoints hold model, optimizer, scheduler and the step; the data order is a
 function of the step, so a resumed run reproduces the uninterrupted run's losses.
+
+Trainer.run wires small parts: the train step (training/step.py, through the one schedule
+runner in training/schedule.py), each step's metrics row and the summary's statistics
+(training/report.py), and when to checkpoint, validate or abort (training/policy.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,11 @@ from avr_megatron.data.sampler import StepSampler
 from avr_megatron.runtime.device import device, on_gpu
 from avr_megatron.runtime.distributed import is_rank0
 from avr_megatron.runtime.files import atomic_write_text
+from avr_megatron.training.policy import (FINISHED, PREEMPTED, CheckpointPolicy, SkippedSteps,
+                                          validation_due)
+from avr_megatron.training.report import History, StepMetrics, StepTokens
 from avr_megatron.training.signals import EXIT_PREEMPTED, PreemptionSignals
+from avr_megatron.training.step import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -162,17 +169,18 @@ class Trainer:
         return [collate(self.data.data, self.data.plan, bins[i:i + k], self.data.chat.pad_id,
                         trim=trim) for i in range(0, len(bins), k)]
 
-    def _step_tokens(self, step: int) -> tuple[int, int, int]:
-        """(real tokens, trained tokens, sum of squared sequence lengths) of the global batch."""
+    def _step_tokens(self, step: int) -> StepTokens:
+        """Real tokens, trained tokens and the sum of squared sequence lengths of the step's
+        global batch."""
         d, plan = self.data.data, self.data.plan
         units = np.concatenate([plan.bin(int(b)) for b in self.sampler.global_batch(step)])
         seqs = np.concatenate([np.arange(u * d.seqs_per_unit, (u + 1) * d.seqs_per_unit)
                                for u in units])
         lengths = d.seq_offsets[seqs + 1] - d.seq_offsets[seqs]  # only this batch's entries
         targets = sum(d.sequence_targets(int(s)) for s in seqs)
-        return int(lengths.sum()), int(targets), int((lengths ** 2).sum())
+        return StepTokens(int(lengths.sum()), int(targets), int((lengths ** 2).sum()))
 
-    def _save(self, iteration: int, counters: dict) -> Path:
+    def _save(self, iteration: int, counters: dict, keep_last: int | None) -> Path:
         from avr_megatron.checkpoint.dist_ckpt import save_checkpoint, save_failure
         from avr_megatron.training.setup import params_synced
 
@@ -180,12 +188,11 @@ class Trainer:
                  "consumed_bins": iteration * self.cfg.train.global_batch_size,
                  "examples_fingerprint": self.data.data.fingerprint(), **counters,
                  "lineage": self._lineage()}
-        keep = self.cfg.checkpoint.keep_last or None
         try:
             with params_synced(self.chunks):
                 return save_checkpoint(self.ckpt_dir, iteration, self.chunks, self.cfg,
                                        optimizer=self.optimizer, scheduler=self.scheduler,
-                                       state=state, keep_last=keep)
+                                       state=state, keep_last=keep_last)
         except BaseException as e:  # disk full / read-only: say so, name what was kept
             # (DCP reports write failures as CheckpointException, a BaseException)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -236,28 +243,43 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
 
+    def _step(self, iteration: int, seq_length: int, mbs: int) -> StepResult:
+        """One optimizer step on this rank's share of the iteration's global batch."""
+        from avr_megatron.training.step import train_step
+
+        batches = self._batches(iteration)
+        self.objective.prepare(batches)
+        return train_step(self.objective.forward_step, batches, self.chunks, self.optimizer,
+                          self.scheduler, seq_length=seq_length, micro_batch_size=mbs)
+
+    def _step_metrics(self) -> StepMetrics:
+        ref_factor = getattr(getattr(self.objective, "reference", None), "flops_factor", 0.0)
+        t = self.cfg.train
+        return StepMetrics(self.cfg.model, t.global_batch_size, t.seq_length,
+                           self.layout.world_size, ref_factor, self._mfu_denominator())
+
     def run(self) -> TrainResult:
-        from avr_megatron.training.flops import forward_flops
+        """The loop: a train step, its metrics row (plus validation when due), the skipped-step
+        rule, the checkpoint policy; then the end-of-run checkpoint, export and summary."""
         from avr_megatron.training.metrics_log import MetricsLog, ProgressLog
-        from avr_megatron.training.reference import schedule_shape
+        from avr_megatron.training.schedule import schedule_shape
         from avr_megatron.training.setup import num_microbatches, params_synced
-        from avr_megatron.training.step import forward_backward, optimizer_step
 
         cfg, rank0 = self.cfg, is_rank0()
         state = self._build()
         start = int(state.get("iteration", 0))
-        counters = {"skipped_steps": int(state.get("skipped_steps", 0)),
-                    "nonfinite_streak": int(state.get("nonfinite_streak", 0))}
+        skipped = SkippedSteps.from_state(state, cfg.train.max_consecutive_nonfinite)
+        checkpoints = CheckpointPolicy.from_config(cfg.checkpoint,
+                                                   resumed_at=start if state else None)
         seq_length, mbs = schedule_shape(cfg.train.seq_length, self.bins_per_microbatch,
                                          self.use_te)
         n_mb = num_microbatches(cfg, self.layout)
         if rank0:
             save_config(cfg, Path(cfg.run.dir) / "config.yaml")
         metrics_log = MetricsLog(cfg, start, rank0)
-        mfu_den = self._mfu_denominator()
-        ref_factor = getattr(getattr(self.objective, "reference", None), "flops_factor", 0.0)
-        history = _History()
-        status, last_saved = "finished", start if state else None
+        step_metrics = self._step_metrics()
+        history = History()
+        status = FINISHED
         t_start = time.time()
         bar = ProgressLog(cfg, f"avr train {self.objective.name}", self.train_iters, start,
                           self.progress and rank0, self.objective.progress_metrics)
@@ -265,76 +287,44 @@ class Trainer:
         with PreemptionSignals() as signals:
             for it in range(start, self.train_iters):
                 t0 = time.time()
-                batches = self._batches(it)
-                self.objective.prepare(batches)
-                for chunk in self.chunks:
-                    chunk.zero_grad_buffer()
-                self.optimizer.zero_grad()
-                iters = [iter(batches) for _ in self.chunks]
-                metrics = forward_backward(
-                    self.objective.forward_step, iters if len(self.chunks) > 1 else iters[0],
-                    self.chunks, num_microbatches=n_mb, seq_length=seq_length,
-                    micro_batch_size=mbs)
-                loss = metrics.get("loss", math.nan)
-                # The loss is the same on every rank (reduced over DP, broadcast over PP); the
-                # gradients' finiteness comes from the optimizer's global grad norm.
+                result = self._step(it, seq_length, mbs)
                 (stop,) = _any_rank(signals.received is not None)
-                updated, grad_norm = False, None
-                lr = self.optimizer.param_groups[0]["lr"]
-                if math.isfinite(loss):
-                    updated, grad_norm = optimizer_step(self.optimizer)
-                if updated:
-                    counters["nonfinite_streak"] = 0
-                    self.scheduler.step(increment=1)
-                else:
-                    counters["skipped_steps"] += 1
-                    counters["nonfinite_streak"] += 1
+                skipped.record(result.updated)
+                if not result.updated:
                     log.warning("iteration %d: non-finite loss or gradients (loss=%s, grad norm="
-                                "%s); step skipped (%d in a row)", it + 1, loss, grad_norm,
-                                counters["nonfinite_streak"])
-                seconds = time.time() - t0
-                real, targets, sum_sq = self._step_tokens(it)
-                row = {**metrics, "lr": lr, "grad_norm": grad_norm, "seconds": seconds,
-                       "tokens_per_second": real / seconds,
-                       "padding_fraction": 1 - real / (cfg.train.global_batch_size
-                                                       * cfg.train.seq_length),
-                       "target_tokens": targets, "skipped_steps": counters["skipped_steps"],
-                       "epoch": self.sampler.epoch_of(it + 1)}
-                flops = forward_flops(cfg.model, real, sum_sq) * (3 + 3 * ref_factor)
-                row["tflops_per_gpu"] = flops / seconds / self.layout.world_size / 1e12
-                if mfu_den:
-                    row["mfu"] = flops / seconds / mfu_den
-                every = cfg.train.eval_interval or 0
-                if self.validation is not None and (
-                        (every and (it + 1) % every == 0) or it + 1 == self.train_iters):
+                                "%s); step skipped (%d in a row)", it + 1, result.loss,
+                                result.grad_norm, skipped.streak)
+                row = step_metrics.row(result.metrics, lr=result.lr, grad_norm=result.grad_norm,
+                                       seconds=time.time() - t0, tokens=self._step_tokens(it),
+                                       skipped_steps=skipped.total,
+                                       epoch=self.sampler.epoch_of(it + 1))
+                if self.validation is not None and validation_due(
+                        it + 1, cfg.train.eval_interval, self.train_iters):
                     row.update(self._evaluate(seq_length, mbs, n_mb))
                 history.add({"iteration": it + 1, **row})
                 metrics_log.log(it + 1, row)
                 bar.update(it + 1, row)
-                if counters["nonfinite_streak"] >= cfg.train.max_consecutive_nonfinite:
+                if skipped.aborts:
                     bar.close()
                     summary = self._summary("aborted", start, it + 1, history, t_start, None)
                     metrics_log.close(summary)
                     raise TrainingAborted(
-                        f"{counters['nonfinite_streak']} steps in a row had non-finite loss or "
-                        f"gradients (train.max_consecutive_nonfinite="
-                        f"{cfg.train.max_consecutive_nonfinite}); last loss {loss}. Summary in "
-                        f"{Path(cfg.run.dir) / 'train_summary.json'}")
-                interval = cfg.checkpoint.save_interval
-                if interval and (it + 1) % interval == 0:
-                    self._save(it + 1, counters)
-                    last_saved = it + 1
+                        f"{skipped.streak} steps in a row had non-finite loss or gradients "
+                        f"(train.max_consecutive_nonfinite={skipped.limit}); last loss "
+                        f"{result.loss}. Summary in {Path(cfg.run.dir) / 'train_summary.json'}")
+                if checkpoints.save_after_step(it + 1):
+                    self._save(it + 1, skipped.state(), checkpoints.keep_last)
+                    checkpoints.saved(it + 1)
                 if stop:
-                    status = "preempted"
+                    status = PREEMPTED
                     break
         bar.close()
         iteration = it + 1 if self.train_iters > start else start
-        export = status == "finished" and cfg.checkpoint.export_hf is not None
-        if status == "preempted" or cfg.checkpoint.save_final or export:
-            if last_saved != iteration:
-                self._save(iteration, counters)
+        if checkpoints.save_at_end(iteration, status):
+            self._save(iteration, skipped.state(), checkpoints.keep_last)
+            checkpoints.saved(iteration)
         exported = None
-        if export:
+        if checkpoints.exports(status):
             from avr_megatron.checkpoint.dist_ckpt import resolve
             from avr_megatron.training.init import export_final
 
@@ -343,13 +333,12 @@ class Trainer:
         metrics_log.close(summary)
         with params_synced(self.chunks):  # the returned chunks hold the final weights
             pass
-        return TrainResult(status, EXIT_PREEMPTED if status == "preempted" else 0, summary,
+        return TrainResult(status, EXIT_PREEMPTED if status == PREEMPTED else 0, summary,
                            self.chunks, self.optimizer, self.scheduler)
 
-    def _summary(self, status: str, start: int, iteration: int, history: "_History",
+    def _summary(self, status: str, start: int, iteration: int, history: History,
                  t_start: float, exported: str | None) -> dict:
-        last = history.tail[-1] if history.tail else {}
-        keys = [k for k in last if k not in ("iteration", "seconds", "lr", "grad_norm", "epoch")]
+        stats = history.summary()
         summary = {
             "stage": self.objective.name, "status": status, "iteration": iteration,
             "train_iters": self.train_iters, "started_at_iteration": start,
@@ -358,12 +347,8 @@ class Trainer:
             "layout": vars(self.layout), "init": self.init_source,
             "checkpoint_dir": str(self.ckpt_dir), "exported_hf": exported,
             "seconds": round(time.time() - t_start, 3),
-            "tokens_per_second": (history.tokens / history.seconds if history.seconds else None),
-            "first": {k: history.first[k] for k in keys if k in history.first},
-            "last": {k: last[k] for k in keys},
-            "last10_mean": {k: float(np.mean([h[k] for h in history.tail]))
-                            for k in keys if all(isinstance(h.get(k), (int, float))
-                                                 for h in history.tail)},
+            "tokens_per_second": stats["tokens_per_second"],
+            "first": stats["first"], "last": stats["last"], "last10_mean": stats["last10_mean"],
             "data": self.data.summary(),
             "eval": self.last_eval or None,
             "valid_data": self.validation.data.summary() if self.validation else None,
@@ -372,22 +357,3 @@ class Trainer:
         if is_rank0():
             _write_json(Path(self.cfg.run.dir) / "train_summary.json", summary)
         return summary
-
-
-class _History:
-    """What the summary needs of the per-step rows, in bounded memory (the full record is
-    metrics.jsonl): the first row, the last ten, and token/time totals."""
-
-    def __init__(self):
-        from collections import deque
-
-        self.first: dict = {}
-        self.tail: deque = deque(maxlen=10)
-        self.tokens = self.seconds = 0.0
-
-    def add(self, row: dict) -> None:
-        if not self.first:
-            self.first = row
-        self.tail.append(row)
-        self.tokens += row["tokens_per_second"] * row["seconds"]
-        self.seconds += row["seconds"]

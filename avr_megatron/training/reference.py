@@ -218,22 +218,6 @@ class PrecomputedReference:
 # --------------------------------------------------------------------------------------------
 # Computing log-probs with a frozen model (online, and for `avr logps`)
 
-def schedule_shape(seq_length: int, bins_per_microbatch: int, use_te: bool) -> tuple[int, int]:
-    """(seq_length, micro_batch_size) as Megatron's schedules see one packed microbatch: the
-    THD path flattens the bins into one row."""
-    return (seq_length * bins_per_microbatch, 1) if use_te else (seq_length, bins_per_microbatch)
-
-
-def schedule_microbatches(n: int, pipeline_size: int, interleaved: bool) -> int:
-    """How many microbatches to run for n real ones. Megatron's interleaved (virtual pipeline)
-    schedule accepts only a multiple of the pipeline size, and at least the pipeline size
-    (microbatch_group_size_per_vp_stage = PP: pipeline_parallel/schedules.py); the other
-    schedules take any count."""
-    if not interleaved or pipeline_size == 1 or n == 0:
-        return n
-    return max(pipeline_size, -(-n // pipeline_size) * pipeline_size)
-
-
 def forward_sequence_logprobs(chunks, batches: list[PackedBatch], seq_logprobs: Callable,
                               *, use_te: bool, bf16: bool, seq_length: int,
                               bins_per_microbatch: int) -> list[torch.Tensor] | None:
@@ -244,9 +228,9 @@ def forward_sequence_logprobs(chunks, batches: list[PackedBatch], seq_logprobs: 
     from functools import partial
 
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from avr_megatron.training.losses.common import packed_forward
+    from avr_megatron.training.schedule import run_schedule, schedule_shape
 
     def loss_func(batch, logits):
         seq = seq_logprobs(logits, batch).detach()
@@ -257,19 +241,11 @@ def forward_sequence_logprobs(chunks, batches: list[PackedBatch], seq_logprobs: 
         return packed_forward(model, batch, use_te=use_te, bf16=bf16), partial(loss_func, batch)
 
     s, mbs = schedule_shape(seq_length, bins_per_microbatch, use_te)
-    n = len(batches)
-    m = schedule_microbatches(n, parallel_state.get_pipeline_model_parallel_world_size(),
-                              len(chunks) > 1)
-    run = batches + batches[-1:] * (m - n)
-    iters = [iter(run) for _ in chunks]
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
-            model=chunks, num_microbatches=m, seq_length=s, micro_batch_size=mbs,
-            forward_only=True)
+    out = run_schedule(forward_step, batches, chunks, seq_length=s, micro_batch_size=mbs,
+                       forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    seqs = [o["seq"] for o in out[:n]]
+    seqs = [o["seq"] for o in out]
     if not seqs:
         return []
     return list(torch.cat(seqs).cpu().split([len(x) for x in seqs]))  # one copy to the host

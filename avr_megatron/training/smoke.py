@@ -79,20 +79,19 @@ def run_smoke(cfg: AvrConfig, progress: bool = True) -> SmokeRun:
     scheduler = build_scheduler(optimizer, cfg)
     t = cfg.train
     n_mb = num_microbatches(cfg, layout)
-    # Every chunk of a data-parallel replica must see the same sequences; replicas differ.
+    # Every chunk of a data-parallel replica sees the same sequences; replicas differ.
     seed = cfg.run.seed + 1000 * parallel_state.get_data_parallel_rank()
-    iters = [counting_batches(cfg.model.vocab_size, t.micro_batch_size, t.seq_length, seed)
-             for _ in chunks]
+    data = counting_batches(cfg.model.vocab_size, t.micro_batch_size, t.seq_length, seed)
     history, start = [], time.time()
     bar = tqdm(range(t.train_iters), desc="smoke",
                disable=not (progress and is_rank0()) or None)  # None: on a terminal only
     for it in bar:
-        result = train_step(_forward_step, iters if len(chunks) > 1 else iters[0], chunks,
-                            optimizer, scheduler, num_microbatches=n_mb,
-                            seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                            global_batch_size=t.global_batch_size)
-        history.append({"iter": it + 1, "loss": result.metrics["loss"], "lr": result.lr,
-                        "grad_norm": result.grad_norm})
+        batches = [next(data) for _ in range(n_mb)]
+        result = train_step(_forward_step, batches, chunks, optimizer, scheduler,
+                            seq_length=t.seq_length, micro_batch_size=t.micro_batch_size)
+        # The history's lr is the scheduler's after the step, as this summary always showed.
+        history.append({"iter": it + 1, "loss": result.metrics["loss"],
+                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm})
         bar.set_postfix(loss=f"{result.metrics['loss']:.3f}")
     elapsed = time.time() - start
     with params_synced(chunks):  # the returned chunks hold the final weights

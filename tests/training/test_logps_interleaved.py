@@ -5,7 +5,7 @@ the stored log-probs equal the PP=1 run's."""
 import pytest
 
 from avr_megatron.testing.distributed import run_distributed
-from avr_megatron.training.reference import schedule_microbatches
+from avr_megatron.training.schedule import schedule_microbatches
 
 
 def test_schedule_microbatches():

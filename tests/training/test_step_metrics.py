@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from avr_megatron.training import step
+from avr_megatron.training import schedule
 from avr_megatron.training.losses.common import metric, total
 
 
@@ -15,7 +15,7 @@ def _single_rank(monkeypatch):
 
     monkeypatch.setattr(parallel_state, "get_data_parallel_group", lambda *a, **k: None)
     monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 1)
-    monkeypatch.setattr(step.dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(schedule.dist, "get_world_size", lambda group=None: 1)
 
 
 def test_reduce_means_totals_and_empty_means(monkeypatch):
@@ -24,7 +24,7 @@ def test_reduce_means_totals_and_empty_means(monkeypatch):
                  "reward_gap": metric(0.0, 0), "lr_like": torch.tensor(1.0)},
                 {"loss": metric(torch.tensor(1.0), 2), "pairs": total(2),
                  "reward_gap": metric(0.0, 0), "lr_like": torch.tensor(3.0)}]
-    out = step.reduce_metrics(reported)
+    out = schedule.reduce_metrics(reported)
     assert out["loss"] == 1.0 and out["pairs"] == 4.0 and out["lr_like"] == 2.0
     assert math.isnan(out["reward_gap"])
 
