@@ -52,6 +52,12 @@ def test_stage_configs_are_wired_and_overridden(tmp_path):
     assert plans["stage2_thoughts"].cfg.synth.output_dir == plans["stage2_search"].cfg.synth.output_dir
     ev = plans["eval"].cfg.eval
     assert ev.model == str(tmp_path / "models" / "lcdpo") and ev.baseline_model == base and ev.long_thought
+    # Resolved once (config/resolve.py): the stage configs are read-only.
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError, match="train.train_iters"):
+        rsft.train.train_iters = 3
+    assert cfg.pipeline.stages["rsft"]["optimizer"]["lr"] == 0.5 and cfg.run.dir == str(tmp_path)
 
 
 @pytest.mark.parametrize("override, message", [
