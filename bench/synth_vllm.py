@@ -7,7 +7,8 @@ measured side by side in one run on the same tiny random models and the same pro
 - `frontier_vs_reference_server`: the same frontier run vs the authors' approach: `vllm serve`
   servers (policy and reward, started with `avr synth serve`'s command and the same engine
   settings) and 64 client threads, one prompt per thread, each thread sending its prompt's
-  requests one at a time. Goal >= 2.
+  requests one at a time. Goal >= 2. The client decodes the sampled token ids itself, as the
+  offline engine does, so the trees can be compared with frontier's.
 - `async_vs_barrier`: stage-1 trees from `avr synth`'s driver (`run_pass`, chunks of 16 prompts,
   y0 sampled too) with the same vLLM async engines, phase barriers (frontier batching) vs none
   (avr_megatron.synth.scheduler). Random tiny models do not choose their lengths, so each
@@ -270,7 +271,11 @@ def main() -> None:
                 procs.append(chat_proc)
                 rm_proc, rm_url = _serve(serve_cfg, "reward", tmp / "reward-server.log")
                 procs.append(rm_proc)
-                chat = ServerChatEngine(chat_url, policy, max_concurrency=args.threads)
+                # Texts decoded from the returned token ids, as the offline engine decodes them
+                # (`avr synth` does the same for a server serving a local model directory): vLLM's
+                # detokenizer drops an incomplete UTF-8 sequence at the end of a reply, and with
+                # the server's texts only 12.5% of the trees matched frontier's (same token ids).
+                chat = ServerChatEngine(chat_url, policy, max_concurrency=args.threads, tokenizer=policy)
                 reward = ServerRewardEngine(rm_url, reward_dir, max_concurrency=args.threads)
                 _warm(chat, reward)
                 machines = stage1_machines(records, provenance, templates, args.k, args.m)

@@ -1,6 +1,7 @@
 """`avr prepare`: tokenise data.train (and data.valid) once into the prepared, memory-mapped form
 that `avr train` and `avr logps` map (see avr_megatron.data.prepare). Rerunning is free when
-nothing changed; an interrupted run resumes at its finished blocks.
+nothing changed; an interrupted run resumes at its finished blocks. `--prune [--keep N]` then
+deletes the other (stale) prepared versions of the same data, never one a process maps.
 
 Exit codes: 0 done, 2 bad recipe or data (the message names the key, file, record and field).
 """
@@ -17,6 +18,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kind", choices=("auto", "sft", "preference"), default="auto",
                         help="what the data holds: SFT conversations or preference pairs "
                              "(auto: from the first record's fields)")
+    parser.add_argument("--prune", action="store_true",
+                        help="then delete the other prepared versions of the same data (other keys: "
+                             "older data, tokenizer or settings), except the --keep newest and any "
+                             "a running process maps or builds")
+    parser.add_argument("--keep", type=int, default=0, metavar="N",
+                        help="with --prune: also keep the N most recently built other versions")
 
 
 def detect_kind(files: list[Path]) -> str:
@@ -74,7 +81,35 @@ def run(args, cfg) -> int:
         print(f"avr prepare: data.{r['split']} ({r['kind']}): {r['used']} of {r['records']} "
               f"records used (dropped: {dropped}; truncated {r['truncated']}), {r['tokens']} "
               f"tokens in {r['bins']} bins, {r['seconds']} s -> {r['prepared']}")
+    if args.prune:
+        _prune(rows, args.keep)
     from avr_megatron.runtime.files import atomic_write_text
 
     atomic_write_text(Path(cfg.run.dir) / "prepare_summary.json", json.dumps(rows, indent=2))
     return 0
+
+
+def _prune(rows: list[dict], keep_newest: int) -> None:
+    """Prune the root each split's versions live under, keeping this run's versions; each row
+    gets what happened to the other versions ("pruned")."""
+    from avr_megatron.data.prepare import prune_prepared
+
+    keep: dict[Path, set[str]] = {}
+    for r in rows:
+        path = Path(r["prepared"])
+        keep.setdefault(path.parent, set()).add(path.name)
+    done: dict[Path, list[dict]] = {}
+    for r in rows:
+        root = Path(r["prepared"]).parent
+        if root not in done:
+            done[root] = prune_prepared(root, keep[root], keep_newest)
+            for v in done[root]:
+                built = f", built {v['created']}" if v["created"] else ""
+                print(f"avr prepare --prune: {v['action']}: {root / v['name']} "
+                      f"({v['bytes'] / 2**20:.1f} MiB{built})")
+        r["pruned"] = [v for v in done[root] if v["name"] not in keep[root]]
+    every = [v for vs in done.values() for v in vs]
+    freed = sum(v["bytes"] for v in every if v["action"] == "removed")
+    busy = sum(v["action"] == "in use" for v in every)
+    print(f"avr prepare --prune: freed {freed / 2**20:.1f} MiB"
+          + (f"; {busy} version(s) in use by running processes left in place" if busy else ""))

@@ -7,6 +7,10 @@ value; nothing changes the config afterwards.
 
 - `resolve_config`, before setup: the model's shape from the HF config.json of
   `model.init_from.hf` (read as JSON).
+- `resolve_stage_config`, for each `avr pipeline` stage: the recipe + the stage's
+  `pipeline.stages.<name>` overrides + the pipeline's wiring of that stage (which model it starts
+  from, where it reads and writes: avr_megatron.pipeline.stage_configs derives it from the stage
+  graph); an override that contradicts the wiring is refused, naming both.
 - `resolve_iterations`, where the dataset size becomes known (the training loop, after the data
   is loaded and packed into bins): `train.train_iters = data.num_epochs x steps per epoch`.
   It returns a new frozen config; the one the loop got is left as it was.
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from avr_megatron.config.errors import ConfigError, ConversionError
 from avr_megatron.config.schema import AvrConfig, freeze, is_frozen
@@ -89,3 +95,65 @@ def resolve_iterations(cfg: AvrConfig, steps_per_epoch: int) -> AvrConfig:
                  cfg.data.num_epochs, steps_per_epoch)
         out.train.train_iters = iters
     return _validated_frozen(out)
+
+
+def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Leaf key paths of a nested mapping -> their values (a non-empty mapping is not a leaf)."""
+    if isinstance(tree, Mapping) and (tree or not prefix):
+        out: dict[tuple[str, ...], Any] = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, (*prefix, str(key))))
+        return out
+    return {prefix: tree}
+
+
+def _check_wiring_conflicts(stage: str, wiring: Mapping[str, Any],
+                            layers: list[tuple[Any, str]]) -> None:
+    """A user override of a key the pipeline wires (where a stage reads, writes and starts from)
+    would be replaced by the wiring: refuse it, naming both values. An override equal to the
+    wired value is accepted. `layers`: (user overrides, where they come from)."""
+    wired = _leaves(wiring)
+    conflicts = []
+    for layer, source in layers:
+        for upath, uvalue in _leaves(layer or {}).items():
+            if isinstance(uvalue, Mapping):  # an empty mapping overrides nothing
+                continue
+            for wpath, wvalue in wired.items():
+                n = min(len(upath), len(wpath))
+                if upath[:n] != wpath[:n] or (upath == wpath and uvalue == wvalue):
+                    continue
+                conflicts.append(f"{source} sets {'.'.join(upath)}={uvalue!r}, but the pipeline "
+                                 f"wires {'.'.join(wpath)}={wvalue!r} for stage {stage}")
+    if conflicts:
+        raise ConfigError("; ".join(conflicts) + ". The pipeline connects its stages through "
+                          "these keys: remove the override (run.dir and pipeline.base_model "
+                          "move them).")
+
+
+def resolve_stage_config(recipe: AvrConfig, stage: str, wiring: Mapping[str, Any], *,
+                         shares_overrides_of: tuple[str, ...] = ()) -> AvrConfig:
+    """The validated, frozen config of pipeline stage `stage`: `recipe`, then the
+    `pipeline.stages.<name>` overrides of `shares_overrides_of` and of `stage` itself, then
+    `wiring` (nested recipe keys the pipeline sets). `recipe` is left unchanged."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from avr_megatron.config.loader import merge_checked
+    from avr_megatron.config.validate import validate_config
+
+    merged = OmegaConf.structured(recipe)
+    layers = [(recipe.pipeline.stages.get(name) or {}, f"pipeline.stages.{name}")
+              for name in (*shares_overrides_of, stage)]
+    _check_wiring_conflicts(stage, wiring, layers)
+    layers += [(wiring, f"pipeline wiring of {stage}")]
+    for layer, source in layers:
+        merged = merge_checked(merged, OmegaConf.create(layer), source)
+    try:
+        cfg: AvrConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"pipeline.stages.{stage}: {e}") from None
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"stage {stage} (recipe + pipeline.stages.{stage}): {e}") from None
+    return freeze(cfg)

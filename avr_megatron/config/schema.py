@@ -546,8 +546,8 @@ class SynthPairsConfig(Section):
     # into the RSFT data, except those that are the (x, y0) of an RSFT example; the reference
     # did (on in the full-scale recipes).
     mix_source_chosen: bool = False
-    # Hold out this fraction of prompts (all of a prompt's records, chosen by a hash of run.seed
-    # and prompt_id; at least one prompt when > 0, never all) as a validation split, written
+    # Hold out this fraction of prompts (all of a prompt's records; the prompts with the smallest
+    # hash of run.seed and prompt_id; at least one when > 0, never all) as a validation split, written
     # beside each dataset as <dataset>_valid/validation.<ext>; `avr pipeline` then sets the
     # training stages' data.valid to it. 0 (default): no held-out split (the reference has none).
     valid_fraction: float = 0.0

@@ -16,6 +16,12 @@ packed, and renamed to `<key>/` in one step. One process builds at a time: ranks
 other jobs) take an exclusive file lock (`.<key>.lock`) and the others wait for it, then map the
 result.
 
+Versions in use: every process that maps a prepared directory holds a shared lock on
+`.<key>.use` until it exits. `prune_prepared` (`avr prepare --prune [--keep N]`) deletes the
+other keys' versions only when it can take that lock (and the build lock) exclusively, so a
+version some job maps or builds is never deleted; a process that found a version just before
+it was pruned sees it gone once it holds the lock, and builds it again.
+
 Bad records fail the build the same way the unprepared path fails: the first record that
 cannot be read (file, record and field named) or a duplicate id, else the first that cannot be
 tokenised; over-long ones are dropped or truncated and counted by reason in the summary.
@@ -392,6 +398,27 @@ def _first_error(build_dir: Path, blocks: list[Block], files: list[Path],
     return None
 
 
+def _open_locked(path: Path, operation: int) -> int | None:
+    """An fd of `path` holding flock `operation` (LOCK_EX / LOCK_SH, | LOCK_NB to try), or None
+    when LOCK_NB found it held. Retries when the file was unlinked or replaced while waiting (a
+    pruner removes lock files while it holds them), so the lock held is always on the file that
+    `path` names now."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
 class _FileLock:
     """Exclusive flock on `path` (released by the kernel if the holder dies)."""
 
@@ -400,14 +427,15 @@ class _FileLock:
         self.fd = None
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+        self.fd = _open_locked(self.path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if self.fd is None:
+            try:
+                holder = self.path.read_text(errors="replace").strip()
+            except OSError:
+                holder = ""
             log.info("waiting for %s to finish preparing data (%s)", holder or "another process",
                      self.path)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.fd = _open_locked(self.path, fcntl.LOCK_EX)
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
         return self
@@ -416,25 +444,151 @@ class _FileLock:
         os.close(self.fd)
 
 
+# --------------------------------------------------------------------------------------------
+# In use, and pruning stale versions
+
+# Prepared directories this process maps -> the fd holding their shared "in use" lock, kept
+# open for the life of the process (the kernel drops the lock when the process dies).
+_IN_USE: dict[Path, int] = {}
+
+
+def _use_lock(root: Path, name: str) -> Path:
+    return root / f".{name}.use"
+
+
+def _build_lock(root: Path, name: str) -> Path:
+    return root / f".{name}.lock"
+
+
+def _mark_in_use(root: Path, name: str) -> bool:
+    """Hold a shared lock on root/.<name>.use for the life of this process, so that
+    `prune_prepared` never removes a version a process maps. False when the version was pruned
+    before the lock was taken (the caller builds it again). Where the lock file cannot be
+    created (read-only prepared data), nothing can prune it either: True."""
+    final = root / name
+    if final in _IN_USE:
+        return True
+    try:
+        fd = _open_locked(_use_lock(root, name), fcntl.LOCK_SH)
+    except OSError:
+        return fmt.read_meta(final) is not None
+    if fmt.read_meta(final) is None:  # pruned between finding it and locking it
+        os.close(fd)
+        return False
+    _IN_USE[final] = fd
+    return True
+
+
+def release(directory: Path | None = None) -> None:
+    """Stop holding `directory` (every prepared directory when None) in use: for a long-lived
+    process that no longer maps it (tests, notebooks)."""
+    for path in [Path(directory)] if directory is not None else list(_IN_USE):
+        fd = _IN_USE.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+
+def prune_prepared(root: Path, keep: Sequence[str] = (), keep_newest: int = 0,
+                   dry_run: bool = False) -> list[dict]:
+    """Remove the prepared versions under `root` except those named in `keep` (this recipe's
+    keys) and the `keep_newest` most recently built others, and unfinished builds of other
+    keys that nobody is running. A version some process maps (its shared `.use` lock is held)
+    or is building or waiting for (its `.lock` is held) is left alone and reported "in use".
+    Returns one row per version: name, created, bytes, action (kept | removed | in use, or
+    "would remove" with dry_run)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    versions, builds = [], []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and not entry.name.startswith("."):
+            meta = fmt.read_meta(entry)
+            if meta is not None:
+                versions.append((meta.get("created", ""), entry.name))
+        elif entry.is_dir() and entry.name.startswith(".") and entry.name.endswith(".build"):
+            builds.append(entry.name[1:-len(".build")])
+    versions.sort(reverse=True)  # newest first (ISO times)
+    rows, others = [], 0
+    for created, name in versions:
+        row = {"name": name, "created": created, "bytes": _size(root / name)}
+        if name in keep:
+            row["action"] = "kept"
+        elif others < keep_newest:
+            others += 1
+            row["action"] = "kept"
+        else:
+            row["action"] = _remove_version(root, name, dry_run)
+        rows.append(row)
+    for name in builds:
+        if name in keep or (root / name).is_dir():
+            continue
+        rows.append({"name": f".{name}.build", "created": None, "bytes": _size(root / f".{name}.build"),
+                     "action": _remove_version(root, name, dry_run, build_only=True)})
+    return rows
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _remove_version(root: Path, name: str, dry_run: bool, build_only: bool = False) -> str:
+    """Remove root/name (or its unfinished build) unless a process holds its use or build lock;
+    both are held (exclusively) across the removal, so no process starts mapping or building
+    it meanwhile."""
+    held = []
+    try:
+        for lock in (_build_lock(root, name), _use_lock(root, name)):
+            fd = _open_locked(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is None:
+                return "in use"
+            held.append((lock, fd))
+        if dry_run:
+            return "would remove"
+        if not build_only:
+            # Out of sight in one rename (a reader checks read_meta after taking its lock),
+            # then deleted; a kill mid-delete leaves a temporary that remove_stale clears.
+            doomed = runtime_files.temp_dir_path(root / name)
+            os.rename(root / name, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        shutil.rmtree(root / f".{name}.build", ignore_errors=True)
+        for lock, _ in held:
+            lock.unlink(missing_ok=True)
+        return "removed"
+    finally:
+        for _, fd in held:
+            os.close(fd)
+
+
 def ensure_prepared(root: Path, key: dict, settings: Settings, files: list[Path], *,
                     build: bool, workers: int | None = None, progress: bool = False) -> Path:
     """The prepared directory for `key` under root, built first when missing (build=True)
-    or a DataError saying how to build it (build=False)."""
+    or a DataError saying how to build it (build=False). This process then holds it "in use"
+    (see prune_prepared) until it exits."""
     name = key_name(key)
     final = root / name
-    if fmt.read_meta(final) is not None:
-        return final
+    for _ in range(3):
+        if fmt.read_meta(final) is None:
+            _build_once(root, name, key, settings, files, build=build, workers=workers,
+                        progress=progress)
+        if _mark_in_use(root, name):
+            return final
+    raise DataError(f"{final}: removed by `avr prepare --prune` three times while this process "
+                    "was starting; run the prune when no job starts on this data")
+
+
+def _build_once(root: Path, name: str, key: dict, settings: Settings, files: list[Path], *,
+                build: bool, workers: int | None, progress: bool) -> None:
+    final = root / name
     if not build:
         raise DataError(f"no prepared data for these inputs at {final} (data.prepared=required):"
                         " run `avr prepare` with the same recipe first, or set "
                         "data.prepared=auto")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = _FileLock(root / f".{name}.lock")
+        lock = _FileLock(_build_lock(root, name))
     except OSError as e:
         raise DataError(f"cannot write prepared data under {root} ({e.strerror}): set "
                         "data.prepared_dir to a writable directory, or data.prepared=in_memory")
     with lock:
-        if fmt.read_meta(final) is not None:
-            return final  # built by the process we waited for
-        return _build(root, name, key, settings, files, workers, progress)
+        if fmt.read_meta(final) is None:  # else built by the process we waited for
+            _build(root, name, key, settings, files, workers, progress)

@@ -50,7 +50,12 @@ def build_chat_engine(cfg: SynthEngineConfig, seed: int, where: str = "synth.pol
     if cfg.backend == "server":
         from avr_megatron.engines.server import ServerChatEngine
 
-        return ServerChatEngine(cfg.base_url or "", model, **_server_kwargs(cfg))
+        from pathlib import Path
+
+        # Served by its directory name and the directory is here: decode replies as the other
+        # backends do (avr_megatron.engines.server).
+        tokenizer = model if Path(model).is_dir() else None
+        return ServerChatEngine(cfg.base_url or "", model, tokenizer=tokenizer, **_server_kwargs(cfg))
     raise ConfigError(f"{where}.backend={cfg.backend!r} is not one of ['transformers', 'vllm', 'server']")
 
 

@@ -2,7 +2,16 @@
 run the policy and the reward model as separate services.
 
 - generation: `POST {base_url}/v1/chat/completions` with `n`, `seed`, `temperature`, `top_p`,
-  `max_tokens` (the server applies the model's chat template);
+  `max_tokens` (the server applies the model's chat template), and vLLM's neutral values for the
+  sampling fields we do not set (top_k, min_p, penalties): `vllm serve` otherwise takes them from
+  the model's generation_config.json (its default `--generation-config auto`), which vllm.LLM
+  with explicit SamplingParams does not, and the same request would sample differently;
+- texts: with `tokenizer` (the served model's tokenizer directory, when it is at hand) the client
+  asks for the sampled token ids (`return_token_ids`) and decodes them itself, as the offline
+  and transformers backends do. vLLM's own (incremental) detokenizer drops an incomplete UTF-8
+  sequence at the end of a reply where `tokenizer.decode` writes U+FFFD, so a reply cut
+  mid-character by max_tokens would read differently, and so would everything built on it (the
+  criticise and improve prompts of the same tree). Without it, the server's text is used;
 - reward: `POST {base_url}/classify` (vLLM's classification API, served for
   `*ForSequenceClassification` models) with the chat `messages` and `use_activation: false`, so
   the answer is the raw logit, not sigmoid(logit).
@@ -12,7 +21,7 @@ server batches itself; `submit` sends one request (a future of its answer), for 
 phase barriers (avr_megatron.synth.scheduler). Connection failures and 5xx answers are retried with backoff; a 4xx answer
 raises with the server's message, except "maximum context length" rejections of generation
 requests, which become empty texts (counted in `stats`) as in the offline backends.
-Standard library only (urllib), so the client works in any environment.
+Standard library only (urllib), so the client works in any environment; `tokenizer` alone needs transformers.
 """
 
 from __future__ import annotations
@@ -93,15 +102,40 @@ class _Client:
             self._pool = None
 
 
+# vLLM's defaults for the sampling fields the method does not set (SamplingParams' own), sent
+# explicitly so that a model's generation_config.json cannot change them on the server only.
+NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                    "frequency_penalty": 0.0}
+
+
 class ServerChatEngine:
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, api_key_env: str | None = None,
                  max_concurrency: int = 64, timeout_s: float = 600.0, max_retries: int = 3,
-                 name: str | None = None) -> None:
+                 name: str | None = None, tokenizer: str | None = None) -> None:
         self.client = _Client(base_url, model, api_key=api_key, api_key_env=api_key_env,
                               max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries)
         self.name = name or model
+        self.tokenizer_path = tokenizer
+        self._tokenizer: Any = None
         self.stats = {"calls": 0, "requests": 0, "samples": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                      "prompt_too_long": 0}
+                      "prompt_too_long": 0, "server_texts": 0}
+
+    def _decode(self, ids: list[int]) -> str:
+        """Token ids -> text as the offline and transformers backends decode them."""
+        with self.client.lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        eos = self._tokenizer.eos_token_id
+        return self._tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True)
+
+    def _text(self, choice: dict[str, Any]) -> tuple[str, bool]:
+        """(text, whether it is the server's own) of one returned choice."""
+        ids = choice.get("token_ids")
+        if self.tokenizer_path and ids is not None:
+            return self._decode(list(ids)), False
+        return (choice.get("message") or {}).get("content") or "", True
 
     def close(self) -> None:
         self.client.close()
@@ -112,8 +146,10 @@ class ServerChatEngine:
         n = 1 if s.temperature == 0 else r.n
         payload: dict[str, Any] = {
             "model": self.client.model, "messages": [dict(m) for m in r.messages], "n": n,
-            "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+            "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, **NEUTRAL_SAMPLING,
         }
+        if self.tokenizer_path:
+            payload["return_token_ids"] = True
         if s.seed is not None:
             payload["seed"] = s.seed
         try:
@@ -125,10 +161,12 @@ class ServerChatEngine:
         choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
         if len(choices) != n:
             raise ServerError(f"request {r.key!r}: asked for n={n} choices, the server returned {len(choices)}")
-        texts = [(c.get("message") or {}).get("content") or "" for c in choices] * (r.n // n)
+        decoded = [self._text(c) for c in choices]
+        texts = [text for text, _ in decoded] * (r.n // n)
         usage = answer.get("usage") or {}
         return texts, {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
-                       "generated_tokens": int(usage.get("completion_tokens") or 0)}
+                       "generated_tokens": int(usage.get("completion_tokens") or 0),
+                       "server_texts": sum(own for _, own in decoded)}
 
     def _counted(self, r: GenerateRequest) -> list[str]:
         texts, counts = self._one(r)

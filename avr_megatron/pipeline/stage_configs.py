@@ -1,6 +1,7 @@
-"""One validated config per stage: the recipe, the stage's `pipeline.stages.<name>` overrides,
+"""One resolved config per stage: the recipe, the stage's `pipeline.stages.<name>` overrides,
 and the wiring that connects stages (which model a stage starts from, where it reads and writes),
-derived from the stage's record in avr_megatron.pipeline.graph.
+derived here from the stage's record in avr_megatron.pipeline.graph and layered, checked,
+validated and frozen by config/resolve.py's resolve_stage_config.
 
 Layout under run.dir (R):
   R/stages/<stage>/       the stage's run.dir: stage.yaml, logs/, checkpoints, summaries
@@ -14,12 +15,12 @@ late stage's overrides fails in the first second, not after hours of synthesis.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from avr_megatron.config.errors import ConfigError
+from avr_megatron.config.resolve import resolve_stage_config
 from avr_megatron.config.schema import AvrConfig
 from avr_megatron.config.validate import check_stage2_start
 from avr_megatron.pipeline.graph import BY_NAME, REFERENCE_OF, STAGES, Stage
@@ -127,68 +128,6 @@ def _logps_store(data: Path) -> Path:
     return Path(str(data) + ".ref_logps") / "logps.parquet"
 
 
-def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Leaf key paths of a nested mapping -> their values (a non-empty mapping is not a leaf)."""
-    if isinstance(tree, Mapping) and (tree or not prefix):
-        out: dict[tuple[str, ...], Any] = {}
-        for key, value in tree.items():
-            out.update(_leaves(value, (*prefix, str(key))))
-        return out
-    return {prefix: tree}
-
-
-def _check_wiring_conflicts(stage: Stage, wiring: dict[str, Any],
-                           layers: list[tuple[Any, str]]) -> None:
-    """A user override of a key the pipeline wires (where a stage reads, writes and starts from)
-    would be replaced by the wiring: refuse it, naming both values. An override equal to the
-    wired value is accepted. `layers`: (user overrides, where they come from)."""
-    wired = _leaves(wiring)
-    conflicts = []
-    for layer, source in layers:
-        for upath, uvalue in _leaves(layer or {}).items():
-            if isinstance(uvalue, Mapping):  # an empty mapping overrides nothing
-                continue
-            for wpath, wvalue in wired.items():
-                n = min(len(upath), len(wpath))
-                if upath[:n] != wpath[:n] or (upath == wpath and uvalue == wvalue):
-                    continue
-                conflicts.append(f"{source} sets {'.'.join(upath)}={uvalue!r}, but the pipeline "
-                                 f"wires {'.'.join(wpath)}={wvalue!r} for stage {stage.name}")
-    if conflicts:
-        raise ConfigError("; ".join(conflicts) + ". The pipeline connects its stages through "
-                          "these keys: remove the override (run.dir and pipeline.base_model "
-                          "move them).")
-
-
-def _stage_config(base_cfg: AvrConfig, stage: Stage, wiring: dict[str, Any]) -> AvrConfig:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from avr_megatron.config.loader import merge_checked
-    from avr_megatron.config.validate import validate_config
-
-    merged = OmegaConf.structured(base_cfg)
-    user = base_cfg.pipeline.stages.get(stage.name) or {}
-    # The logps stages compute the reference of the DPO stage that follows them: they share its
-    # overrides (sequence length, batch layout) so the stored log-probs match its batches.
-    dpo = stage.reference_for
-    layers = ([(base_cfg.pipeline.stages.get(dpo) or {}, f"pipeline.stages.{dpo}")] if dpo else [])
-    layers += [(user, f"pipeline.stages.{stage.name}")]
-    _check_wiring_conflicts(stage, wiring, layers)
-    layers += [(wiring, f"pipeline wiring of {stage.name}")]
-    for layer, source in layers:
-        merged = merge_checked(merged, OmegaConf.create(layer), source)
-    try:
-        cfg: AvrConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"pipeline.stages.{stage.name}: {e}") from None
-    try:
-        validate_config(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"stage {stage.name} (recipe + pipeline.stages.{stage.name}): {e}") from None
-    return cfg
-
-
 def plan_stages(cfg: AvrConfig, stages: list[Stage] | None = None) -> list[StagePlan]:
     """Build, validate and return the plan of every stage (all of them are checked even when
     only some will run)."""
@@ -204,7 +143,10 @@ def plan_stages(cfg: AvrConfig, stages: list[Stage] | None = None) -> list[Stage
     plans = []
     for stage in STAGES:
         wiring = _wiring(stage, cfg, root)
-        stage_cfg = _stage_config(cfg, stage, wiring.keys)
+        # The logps stages compute the reference of the DPO stage that follows them: they share
+        # its overrides (sequence length, batch layout) so the stored log-probs match its batches.
+        shared = (stage.reference_for,) if stage.reference_for else ()
+        stage_cfg = resolve_stage_config(cfg, stage.name, wiring.keys, shares_overrides_of=shared)
         if stage_cfg.synth.pairs.valid_fraction != cfg.synth.pairs.valid_fraction:
             raise ConfigError(f"pipeline.stages.{stage.name} sets synth.pairs.valid_fraction: set it in the "
                               "recipe, for every stage (the training stages read the held-out splits it makes)")

@@ -47,33 +47,34 @@ def valid_dir(dataset: Path) -> Path:
     return dataset.with_name(dataset.name + "_valid")
 
 
-def split_held_out(records: list[dict[str, Any]], fraction: float, seed: int):
-    """(train, valid): every record of a held-out prompt goes to valid. A prompt is held out when
-    a hash of (seed, prompt_id) is below `fraction`, so the same prompts are held out of every
-    dataset built from them; at least one prompt when fraction > 0, never every prompt."""
-    if fraction <= 0:
-        return records, []
+def held_out_prompts(prompt_ids, fraction: float, seed: int) -> set[str]:
+    """The prompts to hold out: round(fraction x prompts) of them (at least one when fraction > 0,
+    never all), those with the smallest hash of (seed, prompt_id), so the same prompts are held
+    out of every dataset built from one prompt set and seed."""
+    ids = sorted(set(prompt_ids))
+    if fraction <= 0 or len(ids) < 2:
+        return set()
     import hashlib
 
-    def unit(prompt_id: str) -> float:
-        digest = hashlib.sha256(f"{seed}\0{prompt_id}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64
+    def unit(prompt_id: str) -> bytes:
+        return hashlib.sha256(f"{seed}\0{prompt_id}".encode()).digest()
 
-    ids = sorted({r["prompt_id"] for r in records}, key=unit)
-    held = {p for p in ids if unit(p) < fraction}
-    if not held and len(ids) >= 2:
-        held = {ids[0]}
-    if ids and len(held) == len(ids):
-        held.discard(ids[-1])
+    count = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+    return set(sorted(ids, key=unit)[:count])
+
+
+def split_held_out(records: list[dict[str, Any]], held: set[str]):
+    """(train, valid): every record of a held-out prompt goes to valid."""
     return ([r for r in records if r["prompt_id"] not in held],
             [r for r in records if r["prompt_id"] in held])
 
 
 def _write_split(directory: Path, records: list[dict[str, Any]], columns, fmt: str,
-                 card: tuple[str, str, AvrConfig, Any, Path], written: dict[str, Any], name: str) -> None:
+                 card: tuple[str, str, AvrConfig, Any, Path], written: dict[str, Any], name: str,
+                 held: set[str]) -> None:
     """Write the dataset (and with synth.pairs.valid_fraction its held-out split) into `written`."""
     cfg = card[2]
-    train, valid = split_held_out(records, cfg.synth.pairs.valid_fraction, cfg.run.seed)
+    train, valid = split_held_out(records, held)
     written[name] = {"rows": len(train), "path": str(_write(directory, train, columns, fmt, card))}
     if cfg.synth.pairs.valid_fraction > 0:
         title, description, *rest = card
@@ -142,18 +143,19 @@ def pairs_stage1(cfg: AvrConfig) -> dict[str, Any]:
         raise ConfigError("synth.pairs.mix_source_chosen=true, but the stage-1 output holds no source chosen "
                           "conversations: set synth.input.fields.chosen when running `avr synth stage1`")
     summary, sft, pairs = build_stage1(rows, cfg, mix_source_chosen=mix)
+    held = held_out_prompts((r["prompt_id"] for r in rows), cfg.synth.pairs.valid_fraction, cfg.run.seed)
     out = data_root(cfg) / "stage1"
     fmt = cfg.synth.output_format
     written: dict[str, Any] = {}
     _write_split(out / "sft", sft, SFT_COLUMNS, fmt, (
         "AvR stage-1 RSFT conversations",
         "Supervised fine-tuning (RSFT) conversations built from AvR stage-1 refinement "
-        "trees; `messages` ends with the assistant turn to learn.", cfg, summary, source), written, "sft")
+        "trees; `messages` ends with the assistant turn to learn.", cfg, summary, source), written, "sft", held)
     _write_split(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
         "AvR stage-1 preference pairs",
         "Response, criticism and improvement preference pairs from AvR stage-1 refinement "
         "trees, in TRL's conversational format, with refinement-aware rewards "
-        "(`reward_gap` = reward_chosen - reward_rejected).", cfg, summary, source), written, "preference")
+        "(`reward_gap` = reward_chosen - reward_rejected).", cfg, summary, source), written, "preference", held)
     return _finish("stage1", out, summary, written, pair_rules=cfg.synth.pairs.gating)
 
 
@@ -164,19 +166,21 @@ def pairs_stage2(cfg: AvrConfig) -> dict[str, Any]:
     have_thoughts = any(thoughts_dir.glob("manifest-*.json"))
     thought_rows = read_output(thoughts_dir, what="thought samples") if have_thoughts else []
     summary, sft, pairs = build_stage2(search_rows, thought_rows, cfg)
+    held = held_out_prompts((r["prompt_id"] for r in search_rows), cfg.synth.pairs.valid_fraction,
+                            cfg.run.seed)
     out = data_root(cfg) / "stage2"
     fmt = cfg.synth.output_format
     written: dict[str, Any] = {}
     _write_split(out / "sft", sft, SFT_COLUMNS, fmt, (
         "AvR stage-2 long-thought SFT examples",
         "Long refinement thoughts (answer, criticisms, improvements, final answer) written out "
-        "from AvR stage-2 refinement searches, as SFT conversations.", cfg, summary, source), written, "sft")
+        "from AvR stage-2 refinement searches, as SFT conversations.", cfg, summary, source), written, "sft", held)
     if have_thoughts:
         _write_split(out / "preference", pairs, PREFERENCE_COLUMNS, fmt, (
             "AvR stage-2 thought preference pairs",
             "Best-vs-worst sampled long thoughts of the thought-SFT model (length-controlled unless "
             "synth.thoughts.length_control is off), in TRL's conversational format.", cfg, summary,
-            thoughts_dir), written, "preference")
+            thoughts_dir), written, "preference", held)
     else:
         print(f"no thought samples in {thoughts_dir}: thought pairs need `avr synth thoughts` with the thought-SFT "
               "model (synth.policy.model); wrote the thought SFT data only")

@@ -31,3 +31,11 @@ def test_synth_config_rules():
     for key in ("synth.policy.backend", "synth.stage2.beam_width", "synth.thoughts.num_samples",
                 "synth.sampling.temperature", "synth.reward.base_url"):
         assert key in msg
+
+
+def test_server_policy_decodes_locally_when_the_served_model_is_a_local_directory(tiny_models):
+    served = ["synth.policy.backend=server", "synth.policy.base_url=http://127.0.0.1:8000"]
+    local = build_chat_engine(load_config(None, [*served, f"synth.policy.model={tiny_models[0]}"]).synth.policy, 0)
+    assert local.tokenizer_path == tiny_models[0]
+    remote = build_chat_engine(load_config(None, [*served, "synth.policy.model=served-name"]).synth.policy, 0)
+    assert remote.tokenizer_path is None

@@ -14,6 +14,7 @@ from avr_megatron.method.requests import GenerateRequest, SamplingParams, ScoreR
 class _Stub(BaseHTTPRequestHandler):
     calls: list = []
     fail_first: dict = {}
+    token_ids: list = []  # per choice index, sent when asked for (return_token_ids)
 
     def log_message(self, *args):
         pass
@@ -32,6 +33,9 @@ class _Stub(BaseHTTPRequestHandler):
                 return self._send(400, {"error": {"message": "bad request"}})
             choices = [{"index": j, "message": {"role": "assistant", "content": f"{last}#{j}#{body.get('seed')}"}}
                        for j in reversed(range(body["n"]))]
+            if body.get("return_token_ids"):
+                for c in choices:
+                    c["token_ids"] = self.token_ids[c["index"]]
             return self._send(200, {"choices": choices, "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
         if self.path == "/classify":
             value = float(len(body["messages"][-1]["content"])) - 10.0
@@ -101,3 +105,26 @@ def test_greedy_asks_for_one_reply_and_repeats_it(stub):
     greedy = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4, seed=5)
     out = engine.generate([GenerateRequest("p/g", [{"role": "user", "content": "q"}], 3, greedy)])
     assert out == [["q#0#5"] * 3] and _Stub.calls[-1][1]["n"] == 1
+
+
+def test_neutral_sampling_and_texts_decoded_from_token_ids(stub, tmp_path):
+    from avr_megatron.engines.server import NEUTRAL_SAMPLING
+    from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    tok_dir = train_tiny_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    sp = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=3)
+    request = GenerateRequest("p/g", [{"role": "user", "content": "q"}], 2, sp)
+    # With a tokenizer the texts are decoded here from the returned token ids (EOS dropped), not
+    # taken from the server's detokenizer.
+    ids = [tok.encode("well said", add_special_tokens=False),
+           tok.encode("fine", add_special_tokens=False) + [tok.eos_token_id]]
+    _Stub.token_ids = ids
+    plain = ServerChatEngine(stub, "m")
+    assert plain.generate([request]) == [["q#0#3", "q#1#3"]] and plain.stats["server_texts"] == 2
+    body = _Stub.calls[-1][1]
+    assert "return_token_ids" not in body and {k: body[k] for k in NEUTRAL_SAMPLING} == NEUTRAL_SAMPLING
+    local = ServerChatEngine(stub, "m", tokenizer=str(tok_dir))
+    assert local.generate([request]) == [[tok.decode(ids[0], skip_special_tokens=True), "fine"]]
+    assert _Stub.calls[-1][1]["return_token_ids"] is True and local.stats["server_texts"] == 0

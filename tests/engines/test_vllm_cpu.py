@@ -130,6 +130,10 @@ def test_server_client_against_vllm_serve(models, tmp_path):
             assert [t for t in answer["choices"][0]["token_ids"] if t != hf.tokenizer.eos_token_id] == ids[0]
         texts = engine.generate(requests)
         assert [len(t) for t in texts] == [1, 1, 1]
+        # Decoded here from the token ids, the texts are the transformers backend's exactly (the
+        # server's detokenizer drops an incomplete UTF-8 sequence at the end of a reply).
+        local = ServerChatEngine(chat_url, "tiny-policy", max_concurrency=4, tokenizer=policy)
+        assert local.generate(requests) == hf.generate(requests) and local.stats["server_texts"] == 0
         sampling = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=7)
         a = engine.generate(_gen(PROMPTS, 3, sampling))
         assert [len(t) for t in a] == [3, 3, 3] and a == engine.generate(_gen(PROMPTS, 3, sampling))

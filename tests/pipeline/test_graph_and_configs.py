@@ -52,6 +52,12 @@ def test_stage_configs_are_wired_and_overridden(tmp_path):
     assert plans["stage2_thoughts"].cfg.synth.output_dir == plans["stage2_search"].cfg.synth.output_dir
     ev = plans["eval"].cfg.eval
     assert ev.model == str(tmp_path / "models" / "lcdpo") and ev.baseline_model == base and ev.long_thought
+    # Resolved once (config/resolve.py): the stage configs are read-only.
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError, match="train.train_iters"):
+        rsft.train.train_iters = 3
+    assert cfg.pipeline.stages["rsft"]["optimizer"]["lr"] == 0.5 and cfg.run.dir == str(tmp_path)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -188,7 +194,8 @@ def test_held_out_splits_become_the_training_stages_validation_data(tmp_path):
     assert valid_store in plans["stage1_ref_logps"].outputs and valid_store in plans["stage1_dpo"].inputs
     assert tmp_path / "data" / "onpolicy" / "stage1" / "preference_valid" in plans["stage1_pairs"].outputs
     with pytest.raises(ConfigError, match="pipeline.stages.stage1_pairs sets synth.pairs.valid_fraction"):
-        plan_stages(load_config(TINY, [f"run.dir={tmp_path}", "pipeline.stages.stage1_pairs.synth.pairs.valid_fraction=0.5"]))
+        plan_stages(load_config(TINY, [f"run.dir={tmp_path}",
+                                       "pipeline.stages.stage1_pairs.synth.pairs.valid_fraction=0.5"]))
     with pytest.raises(ConfigError, match="pipeline wires data.valid"):
         plan_stages(load_config(TINY, [f"run.dir={tmp_path}", "synth.pairs.valid_fraction=0.2",
                                        "pipeline.stages.rsft.data.valid=/elsewhere"]))

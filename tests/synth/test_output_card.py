@@ -103,7 +103,7 @@ def test_card_says_when_nothing_was_skipped(tmp_path):
 def test_held_out_split_keeps_every_prompt_on_one_side(tmp_path):
     from datasets import load_dataset
 
-    from avr_megatron.synth.pairs import split_held_out, valid_dir
+    from avr_megatron.synth.pairs import held_out_prompts, split_held_out, valid_dir
 
     cfg = load_config(RECIPE, [f"run.dir={tmp_path}", "synth.input.limit=12", "synth.progress=false",
                                "synth.policy.model=null", "synth.reward.model=null", "synth.pairs.valid_fraction=0.25",
@@ -119,18 +119,19 @@ def test_held_out_split_keeps_every_prompt_on_one_side(tmp_path):
         assert valid.num_rows == written[f"{name}_valid"]["rows"] > 0 and train.num_rows == written[name]["rows"] > 0
         assert not set(train["prompt_id"]) & set(valid["prompt_id"])
         assert "(validation split)" in (valid_dir(train_dir) / "README.md").read_text()
-    # The same prompts are held out of both datasets (a hash of seed and prompt id).
-    sft_valid = set(load_dataset(str(valid_dir(Path(written["sft"]["path"]).parent)), split="validation")["prompt_id"])
+    # The same prompts (3 of 12) are held out of both datasets.
+    sft_valid = set(load_dataset(str(valid_dir(Path(written["sft"]["path"]).parent)),
+                                 split="validation")["prompt_id"])
     pref_valid = set(load_dataset(str(valid_dir(Path(written["preference"]["path"]).parent)),
                                   split="validation")["prompt_id"])
     pref_all = pref_valid | set(load_dataset(str(Path(written["preference"]["path"]).parent), split="train")["prompt_id"])
-    assert pref_valid == sft_valid & pref_all
+    assert pref_valid == sft_valid & pref_all and len(sft_valid) == 3  # every prompt has SFT data (mix-in)
 
-    rows = [{"prompt_id": f"p{i}", "n": j} for i in range(40) for j in range(3)]
-    assert split_held_out(rows, 0.0, 1) == (rows, [])
-    train, valid = split_held_out(rows, 0.25, 1)
-    assert len(train) + len(valid) == len(rows) and 3 <= len({r["prompt_id"] for r in valid}) <= 20
-    assert split_held_out(rows, 0.25, 1) == (train, valid) and split_held_out(rows, 0.25, 2) != (train, valid)
-    one, held = split_held_out(rows[:3] + rows[3:6], 0.001, 1)  # two prompts: one held out, never both
-    assert len({r["prompt_id"] for r in held}) == 1 and len({r["prompt_id"] for r in one}) == 1
-    assert split_held_out(rows[:3], 0.9, 1) == (rows[:3], [])  # a single prompt stays in training
+    ids = [f"p{i}" for i in range(40)]
+    assert held_out_prompts(ids, 0.0, 1) == set() and held_out_prompts(ids[:1], 0.9, 1) == set()
+    held = held_out_prompts(ids, 0.25, 1)
+    assert len(held) == 10 and held == held_out_prompts(ids * 2, 0.25, 1) != held_out_prompts(ids, 0.25, 2)
+    assert len(held_out_prompts(ids[:2], 0.001, 1)) == 1 and len(held_out_prompts(ids[:2], 0.99, 1)) == 1
+    rows = [{"prompt_id": p, "n": j} for p in ids for j in range(3)]
+    train, valid = split_held_out(rows, held)
+    assert len(valid) == 30 and {r["prompt_id"] for r in valid} == held and len(train) + len(valid) == len(rows)
