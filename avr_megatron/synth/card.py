@@ -32,7 +32,7 @@ _TITLES = {
 _SHOWN_SKIPPED = 50  # skipped records listed one by one; the rest are counted by reason
 
 
-def _short(name: Any) -> Any:
+def short_name(name: Any) -> Any:
     """A model or file named by path -> its last component (no machine-specific paths)."""
     return Path(name).name if isinstance(name, str) and "/" in name else name
 
@@ -63,10 +63,10 @@ def output_card_provenance(out: Path, merged: dict[str, Any]) -> dict[str, Any]:
     report = merged.get("report", {})
     return {
         "written by": f"avr-megatron `avr synth {merged['kind']}`",
-        "policy model": _short(fp.get("policy")), "reward model": _short(fp.get("reward")),
+        "policy model": short_name(fp.get("policy")), "reward model": short_name(fp.get("reward")),
         "run.seed": fp.get("seed"), "sampling": fp.get("sampling"), "settings": config,
         "configuration fingerprint (sha256)": manifest.get("fingerprint_sha256"),
-        "input": _short(source.get("path")), "input digest": source.get("digest"),
+        "input": short_name(source.get("path")), "input digest": source.get("digest"),
         "input rows read": merged.get("rows_read"), "prompts synthesised": report.get("prompts"),
         "trees/searches": report.get("trees"), "failures by reason": report.get("failures") or None,
         "rating fallback": merged.get("rating_fallback"),

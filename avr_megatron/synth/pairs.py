@@ -103,19 +103,25 @@ def _card(directory: Path, path: Path, records: list[dict[str, Any]], columns, t
 
     from avr_megatron.data.dataset_card import write_dataset_card
 
-    def name(engine) -> str | None:  # no absolute paths: the same data makes the same card
-        return engine.name or (Path(engine.model).name if engine.model else None)
+    from avr_megatron.synth.card import short_name
 
     kinds = Counter(r.get("pair_type") or r.get("kind") for r in records)
     manifests = sorted(source.glob("manifest-*.json"))
-    synth_fp = json.loads(manifests[0].read_text()).get("fingerprint_sha256") if manifests else None
+    manifest = json.loads(manifests[0].read_text()) if manifests else {}
+    synth_fp, made_by = manifest.get("fingerprint_sha256"), manifest.get("fingerprint", {})
     s = cfg.synth
+
+    def name(role: str) -> str | None:
+        """The model that made the synthesis output (its manifest), else this recipe's."""
+        engine = getattr(s, role)
+        return short_name(made_by.get(role) or engine.name or engine.model)
+
     write_dataset_card(
         directory, [path], title=title, description=description, rows=len(records),
         columns=columns, tags=["preference" if "chosen" in columns else "sft"],
         provenance={"written by": "avr-megatron `avr pairs`",
                     "records by type": dict(sorted(kinds.items(), key=str)),
-                    "policy model": name(s.policy), "reward model": name(s.reward),
+                    "policy model": name("policy"), "reward model": name("reward"),
                     "prompts": Path(s.input.path).name if s.input.path else None,
                     "run.seed": cfg.run.seed,
                     "synth.pairs.gating": s.pairs.gating,

@@ -49,10 +49,10 @@ class _Reward:
 
 
 def test_card_after_the_last_shard_names_models_counts_and_skipped_records(tmp_path):
-    cfg = load_config(RECIPE, [f"run.dir={tmp_path}", f"synth.input.path={MIXED}", "synth.progress=false",
-                               "synth.chunk_size=1", "synth.policy.model=null", "synth.reward.model=null",
-                               "synth.scheduling=barrier", "synth.rating_fallback=false",
-                               "synth.policy.name=fake-policy", "synth.reward.name=fake-reward"])
+    overrides = [f"run.dir={tmp_path}", f"synth.input.path={MIXED}", "synth.progress=false", "synth.chunk_size=1",
+                 "synth.policy.model=null", "synth.reward.model=null", "synth.scheduling=barrier",
+                 "synth.rating_fallback=false", "synth.policy.name=fake-policy", "synth.reward.name=fake-reward"]
+    cfg = load_config(RECIPE, overrides)
     out = pass_dir(cfg, "stage1")
     card = out / "README.md"
     run_pass("stage1", cfg, (1, 2), engines=(_Chat(), _Reward()))
@@ -81,12 +81,14 @@ def test_card_after_the_last_shard_names_models_counts_and_skipped_records(tmp_p
     card.unlink()
     assert fingerprint_dir(out) == before  # the card is not content
 
-    # `avr pairs` cards name the synthesis output they were built from and the rule rejections.
-    written = pairs_stage1(cfg)["outputs"]
+    # `avr pairs` cards name the synthesis output they were built from, the models that made it
+    # (not the recipe's, which may name other ones by then) and the rule rejections.
+    written = pairs_stage1(load_config(RECIPE, [*overrides, "synth.policy.name=later-model"]))["outputs"]
     pairs_card = (Path(written["preference"]["path"]).parent / "README.md").read_text()
     assert (f"| synthesis output | `avr synth stage1`, configuration fingerprint (sha256) "
             f"{manifest['fingerprint_sha256']} |") in pairs_card
     assert "| candidates accepted / rejected by rule (whole run) | {" in pairs_card
+    assert "| policy model | fake-policy |" in pairs_card
 
 
 def test_card_says_when_nothing_was_skipped(tmp_path):
