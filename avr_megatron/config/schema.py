@@ -287,7 +287,9 @@ class DataConfig(Section):
     # Compute a preference pair's shared prompt once for chosen and rejected (the rejected
     # sequence attends the chosen one's prompt; same log-probs, fewer tokens computed): None =
     # auto, on where supported (the local layer spec without pipeline parallelism; not with
-    # Transformer Engine's THD attention); true: required (an error where unsupported); false: off.
+    # Transformer Engine's THD attention) except on a GPU in bf16, where the local spec's one flash
+    # varlen call cannot take the shared prefix; true: required (an error where unsupported);
+    # false: off.
     share_prompt: Optional[bool] = None
 
 

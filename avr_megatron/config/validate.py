@@ -524,23 +524,30 @@ def resolve_transformer_impl(cfg: AvrConfig, *, te_usable: bool, te_reason: str,
     return use_te
 
 
-def resolve_share_prompt(cfg: AvrConfig, use_te: bool) -> bool:
+def resolve_share_prompt(cfg: AvrConfig, use_te: bool, on_gpu: bool = False) -> bool:
     """Whether preference pairs compute their shared prompt once
     (`avr_megatron.data.batches.collate(share_prompt=True)`; data.share_prompt: None = where
     supported), given whether the model uses Transformer Engine; a ConfigError when
     data.share_prompt=true cannot be honoured. Supported: the local spec's attention, which takes
     the shared-prefix mask (TE's THD attention and flash varlen cannot express it), without
     pipeline parallelism (stages exchange fixed-shape activations; context parallelism needs TE,
-    so the local spec has none)."""
+    so the local spec has none). The default (null) also leaves it off on a GPU in bf16 without
+    attention dropout: there the local spec runs all sequences of a micro-batch in one flash
+    varlen call, which cannot take the shared-prefix mask, and a per-sequence loop of kernel
+    launches is not known to pay for the ~10% of tokens saved (unmeasured: no GPU here);
+    data.share_prompt=true still turns it on there."""
     pp = cfg.parallel.pipeline_model_parallel_size
     supported = not use_te and pp == 1
+    varlen = on_gpu and cfg.precision.bf16 and cfg.model.attention_dropout == 0
     if cfg.data.share_prompt and not supported:
         why = ("Transformer Engine's THD attention cannot attend another sequence's prefix "
                "(set model.transformer_impl=local, or data.share_prompt=null)" if use_te else
                f"parallel.pipeline_model_parallel_size={pp}: pipeline stages need fixed "
                "micro-batch shapes (use 1, or data.share_prompt=null)")
         raise ConfigError(f"data.share_prompt=true is not supported here: {why}")
-    return supported if cfg.data.share_prompt is None else bool(cfg.data.share_prompt)
+    if cfg.data.share_prompt is None:
+        return supported and not varlen
+    return bool(cfg.data.share_prompt)
 
 
 def fp8_device_problem(fp8_recipe: str, capability: tuple[int, int],

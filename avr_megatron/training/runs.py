@@ -36,6 +36,7 @@ def _env_rank0() -> bool:
 def _start(cfg: AvrConfig, kind: str):
     from avr_megatron.data.dataset import load_training_data
     from avr_megatron.models.llama import uses_transformer_engine
+    from avr_megatron.runtime.device import on_gpu
     from avr_megatron.runtime.distributed import initialize
     from avr_megatron.config.resolve import resolve_config
     from avr_megatron.config.validate import resolve_share_prompt
@@ -45,7 +46,8 @@ def _start(cfg: AvrConfig, kind: str):
     cfg = resolve_config(cfg)  # e.g. the model's shape from model.init_from.hf; frozen
     use_te = uses_transformer_engine(cfg)
     check_packed_layout(cfg, use_te)
-    share = resolve_share_prompt(cfg, use_te)  # pairs' prompts computed once (data/batches.py)
+    # pairs' prompts computed once (data/batches.py)
+    share = resolve_share_prompt(cfg, use_te, on_gpu())
     # Before process groups: fails fast on bad data. One process prepares (maps) it, the
     # others wait for it (data.prepared).
     data = load_training_data(cfg, kind, progress=_env_rank0(), share_prompt=share)

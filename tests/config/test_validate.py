@@ -162,6 +162,12 @@ def test_share_prompt_where_supported():
         share(["data.share_prompt=true"], True)
     with pytest.raises(ConfigError, match="pipeline_model_parallel_size=2: pipeline stages"):
         share(["data.share_prompt=true", "parallel.pipeline_model_parallel_size=2"], False)
+    # a GPU in bf16 without attention dropout keeps the one flash varlen call by default
+    gpu = lambda o: resolve_share_prompt(load_config(None, o), False, on_gpu=True)  # noqa: E731
+    assert gpu([]) is True  # fp32
+    assert gpu(["precision.bf16=true"]) is False
+    assert gpu(["precision.bf16=true", "model.attention_dropout=0.1"]) is True
+    assert gpu(["precision.bf16=true", "data.share_prompt=true"]) is True
 
 
 def test_sampling_and_filters_have_one_definition():
