@@ -48,6 +48,14 @@ class _Reward:
         pass
 
 
+def _tiny_prompts_config(run_dir, *overrides):
+    """The tiny recipe on the shipped prompts with the fake engines (no model paths)."""
+    return load_config(RECIPE, [f"run.dir={run_dir}", "synth.progress=false", "synth.policy.model=null",
+                                "synth.reward.model=null",
+                                f"synth.input.path={REPO / 'data' / 'prompts' / 'tiny_prompts.jsonl'}",
+                                *overrides])
+
+
 def test_card_after_the_last_shard_names_models_counts_and_skipped_records(tmp_path):
     overrides = [f"run.dir={tmp_path}", f"synth.input.path={MIXED}", "synth.progress=false", "synth.chunk_size=1",
                  "synth.policy.model=null", "synth.reward.model=null", "synth.scheduling=barrier",
@@ -92,9 +100,7 @@ def test_card_after_the_last_shard_names_models_counts_and_skipped_records(tmp_p
 
 
 def test_card_says_when_nothing_was_skipped(tmp_path):
-    cfg = load_config(RECIPE, [f"run.dir={tmp_path}", "synth.input.limit=3", "synth.progress=false",
-                               "synth.policy.model=null", "synth.reward.model=null", "synth.output_format=jsonl",
-                               f"synth.input.path={REPO / 'data' / 'prompts' / 'tiny_prompts.jsonl'}"])
+    cfg = _tiny_prompts_config(tmp_path, "synth.input.limit=3", "synth.output_format=jsonl")
     run_pass("stage2", cfg, engines=(_Chat(), _Reward()))
     text = (pass_dir(cfg, "stage2") / "README.md").read_text()
     assert "AvR stage-2 refinement searches" in text and "- records: 3\n" in text
@@ -107,9 +113,7 @@ def test_held_out_split_keeps_every_prompt_on_one_side(tmp_path):
 
     from avr_megatron.synth.pairs import held_out_prompts, split_held_out, valid_dir
 
-    cfg = load_config(RECIPE, [f"run.dir={tmp_path}", "synth.input.limit=12", "synth.progress=false",
-                               "synth.policy.model=null", "synth.reward.model=null", "synth.pairs.valid_fraction=0.25",
-                               f"synth.input.path={REPO / 'data' / 'prompts' / 'tiny_prompts.jsonl'}"])
+    cfg = _tiny_prompts_config(tmp_path, "synth.input.limit=12", "synth.pairs.valid_fraction=0.25")
     run_pass("stage1", cfg, engines=(_Chat(), _Reward()))
     written = pairs_stage1(cfg)["outputs"]
     assert set(written) == {"sft", "sft_valid", "preference", "preference_valid"}
