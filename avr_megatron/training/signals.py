@@ -24,13 +24,27 @@ import threading
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again (resume) later
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 log = logging.getLogger(__name__)
+# The preemption signal received while starting, if any. Python swallows an exception raised
+# by a signal handler that runs inside a callback it guards (e.g. importlib's module-lock
+# weakref callback: "Exception ignored in ..."), so the SystemExit alone can be lost and the
+# command would run on; the training loop checks this before its first step.
+_startup_signal: int | None = None
 
 
 def _exit_preempted(signum, frame):
+    global _startup_signal
+    _startup_signal = signum
     name = signal.Signals(signum).name
     print(f"avr: received {name} while starting: exiting with {EXIT_PREEMPTED} (nothing was "
           "lost; rerun the same command to resume)", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_PREEMPTED)
+
+
+def exit_if_preempted_while_starting() -> None:
+    """Exit EXIT_PREEMPTED if a start-up preemption signal was received but its SystemExit was
+    swallowed (see `_startup_signal`)."""
+    if _startup_signal is not None:
+        raise SystemExit(EXIT_PREEMPTED)
 
 
 def install_startup_handlers() -> None:
@@ -104,6 +118,7 @@ class PreemptionSignals:
         self.received = signum
 
     def __enter__(self):
+        exit_if_preempted_while_starting()
         if threading.current_thread() is threading.main_thread():
             _start_checkpoint_helper(self.SIGNALS)
             for s in self.SIGNALS:

@@ -66,6 +66,23 @@ def test_preemption_signal_during_startup_exits_75(tmp_path, toy, sig):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_startup_signal_whose_exit_was_swallowed_still_exits_75(monkeypatch):
+    """CI saw the handler's SystemExit swallowed ("Exception ignored in importlib's module-lock
+    callback") and the run went on to finish with 0: the loop's signal scope must still exit 75."""
+    from avr_megatron.training import signals
+
+    monkeypatch.setattr(signals, "_startup_signal", None)
+    signals.exit_if_preempted_while_starting()  # no start-up signal: nothing happens
+    try:  # what Python does to an exception raised inside a guarded callback
+        signals._exit_preempted(signal.SIGUSR1, None)
+    except SystemExit:
+        pass
+    with pytest.raises(SystemExit) as exc:
+        with signals.PreemptionSignals():
+            pytest.fail("the training loop started after a start-up preemption signal")
+    assert exc.value.code == signals.EXIT_PREEMPTED
+
+
 def test_kill9_of_the_trainer_leaves_no_process(tmp_path, toy):
     proc = _start(tmp_path / "run", toy, "train.train_iters=100000", "checkpoint.save_interval=0")
     tree: set[int] = set()
