@@ -121,7 +121,7 @@ class PackedSDPAttention(DotProductAttention):
                                      f"{tuple(attention_mask.shape)}")
                 if self._use_varlen(query, dropout) and _spans.get(attention_mask)[3] is None:
                     return self._varlen(query, key, value, attention_mask)
-                out = self._per_segment(query, key, value, attention_mask, dropout, kw)
+                return self._per_segment(query, key, value, attention_mask, dropout, kw)
         # [b, heads, s, dim] -> [s, b, heads * dim]
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * dim)
 
@@ -141,41 +141,46 @@ class PackedSDPAttention(DotProductAttention):
                 and query.dtype in (torch.float16, torch.bfloat16))
 
     def _per_segment(self, query, key, value, mask, dropout, kw):
-        """One causal SDPA call per sequence of each bin -> [b, heads, s, dim]. A sequence with a
-        shared prefix of n tokens attends the previous sequence's first n keys too."""
-        s = query.shape[0]
+        """One causal SDPA call per sequence of each bin -> [s, b, heads * dim]. A sequence with
+        a shared prefix of n tokens attends the previous sequence's first n keys too.
+
+        Each row's q/k/v are cut into sequences with one `split` (its backward is one `cat` of
+        the pieces' gradients; a slice per sequence would give every piece a zero-filled
+        full-length gradient to add up), and the pieces' outputs are joined in the [s, b, heads,
+        dim] layout the caller returns, so no further copy is needed."""
+        s, b, heads, dim = query.shape
         q, k, v = _bhsd(query, key, value)
         _, bounds, _, shared = _spans.get(mask)
         rows = []
-        for r in range(q.shape[0]):
+        for r in range(b):
             lo = r * s
+            index = [i for i, a in enumerate(bounds[:-1]) if lo <= a < lo + s]
+            lengths = [bounds[i + 1] - bounds[i] for i in index]
+            # 4-d pieces [1, heads, len, dim]: torch's CPU flash kernel takes 4-d inputs only
+            # (3-d ones fall back to the unfused math path)
+            pieces = [t[r:r + 1].split(lengths, dim=2) for t in (q, k, v)]
             parts, prev = [], None
-            for i, (a, e) in enumerate(zip(bounds, bounds[1:])):
-                if not lo <= a < lo + s:
-                    continue
-                a, e = a - lo, e - lo
+            for j, (i, qs, ks, vs) in enumerate(zip(index, *pieces)):
                 n = shared[i] if shared else 0
-                # 4-d slices [1, heads, len, dim]: torch's CPU flash kernel takes 4-d inputs
-                # only (3-d ones fall back to the unfused math path)
-                qs, ks, vs = q[r:r + 1, :, a:e], k[r:r + 1, :, a:e], v[r:r + 1, :, a:e]
                 if n == 0:
-                    parts.append(F.scaled_dot_product_attention(
-                        qs, ks, vs, dropout_p=dropout, is_causal=True, **kw))
+                    out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout,
+                                                         is_causal=True, **kw)
                 else:
-                    if prev is None or n > prev[1] - prev[0]:
+                    if prev is None or n > lengths[j - 1]:
                         raise ValueError(f"a sequence shares {n} tokens with the previous one "
                                          "in its bin, which is shorter or absent")
-                    c = prev[0]
-                    ks = torch.cat([k[r:r + 1, :, c:c + n], ks], dim=2)
-                    vs = torch.cat([v[r:r + 1, :, c:c + n], vs], dim=2)
+                    ks = torch.cat([pieces[1][j - 1][:, :, :n], ks], dim=2)
+                    vs = torch.cat([pieces[2][j - 1][:, :, :n], vs], dim=2)
                     # query j sees the n shared keys and its own sequence up to itself
-                    allowed = torch.ones(e - a, n + e - a, dtype=torch.bool,
+                    allowed = torch.ones(lengths[j], n + lengths[j], dtype=torch.bool,
                                          device=q.device).tril_(diagonal=n)
-                    parts.append(F.scaled_dot_product_attention(
-                        qs, ks, vs, attn_mask=allowed, dropout_p=dropout, **kw))
-                prev = (a, e)
-            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+                    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed,
+                                                         dropout_p=dropout, **kw)
+                parts.append(out.permute(2, 0, 1, 3))  # [len, 1, heads, dim]
+                prev = j
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+        out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        return out.reshape(s, b, heads * dim)
 
     def _varlen(self, query, key, value, segment):
         """All sequences of the micro-batch in one flash varlen call (CUDA, fp16/bf16)."""
