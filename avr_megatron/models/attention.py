@@ -201,9 +201,12 @@ def _bhsd(*tensors):
 
 def local_layer_spec():
     """Megatron-Core's local GPT layer spec (RMSNorm) with `PackedSDPAttention` as core
-    attention."""
+    attention and `RotaryOnceSelfAttention` (RoPE from one cos/sin table per forward)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from avr_megatron.models.positions import RotaryOnceSelfAttention
+
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.module = RotaryOnceSelfAttention
     spec.submodules.self_attention.submodules.core_attention = PackedSDPAttention
     return spec

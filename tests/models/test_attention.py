@@ -2,7 +2,9 @@
 packed bins with padding under grouped-query attention (logits everywhere, every gradient), plain
 causal rows, an explicit bool mask and activation recompute; the CUDA varlen path's layout
 handling is checked on CPU against the per-segment path with an emulated kernel; shared
-prefixes (a pair's prompt computed once) equal SDPA with the explicit mask."""
+prefixes (a pair's prompt computed once) equal SDPA with the explicit mask. The reference is
+Megatron's stock local spec, so the RoPE of RotaryOnceSelfAttention is checked against
+Megatron's unfused RoPE too."""
 
 import pytest
 import torch
@@ -75,8 +77,10 @@ def _case():
     tokens = torch.randint(0, 512, seg.shape, generator=torch.Generator().manual_seed(0))
     ours, weights = _build(cfg)
     core = unwrap(ours).decoder.layers[0].self_attention.core_attention
-    result = {"core": type(core).__name__, "gqa": core.gqa}
     ref, _ = _build(cfg, weights, unfused=True)
+    result = {"core": type(core).__name__, "gqa": core.gqa,
+              "attention": type(unwrap(ours).decoder.layers[0].self_attention).__name__,
+              "ref_attention": type(unwrap(ref).decoder.layers[0].self_attention).__name__}
     assert type(unwrap(ref).decoder.layers[0].self_attention.core_attention) is DotProductAttention
 
     out = {}
@@ -165,6 +169,8 @@ def _case():
 def test_sdpa_attention_equals_megatron_unfused():
     r = run_distributed(_case, nproc=1)[0]
     assert r["core"] == "PackedSDPAttention" and r["gqa"], r
+    # ours rotates q/k from one cos/sin table per forward; the reference is Megatron's own RoPE
+    assert r["attention"] == "RotaryOnceSelfAttention" and r["ref_attention"] == "SelfAttention"
     for name in ("packed", "causal", "bool_mask", "packed_recompute"):
         assert r[name]["logits"] < 1e-5 and r[name]["grads"] < 1e-4, (name, r[name])
     assert r["packed_vs_alone"] < 1e-5, r
