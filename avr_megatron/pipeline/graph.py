@@ -4,9 +4,11 @@ Plain data, no torch: `avr pipeline --list` and the tests read it without import
 A record says which `avr` command the stage runs, the resource profile it needs
 (launch.slurm.<profile>, and through it the role environment: launch.roles.role_of), whether it
 is one process per accelerator (training) or fanned out over synthesis shards, which model it
-starts from, and where it reads and writes: avr_megatron.pipeline.stage_configs turns these
-facts into the stage's config wiring, fingerprinted inputs and checked outputs. No stage is
-special-cased by name: what differs between stages is a field here.
+starts from, where it reads and writes, which checks apply before the run and which figures the
+final table shows: avr_megatron.pipeline.stage_configs turns these facts into the stage's config
+wiring, fingerprinted inputs and checked outputs, avr_megatron.pipeline.summaries reads the
+figures. No stage is special-cased by its name or its command (the command is only run): what
+differs between stages is a field here.
 
 Paths are relative to the pipeline's run.dir (R):
   R/synth/<synth_root>/<pass>/   a synthesis pass's output (avr_megatron.synth.store)
