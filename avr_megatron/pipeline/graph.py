@@ -4,9 +4,11 @@ Plain data, no torch: `avr pipeline --list` and the tests read it without import
 A record says which `avr` command the stage runs, the resource profile it needs
 (launch.slurm.<profile>, and through it the role environment: launch.roles.role_of), whether it
 is one process per accelerator (training) or fanned out over synthesis shards, which model it
-starts from, and where it reads and writes: avr_megatron.pipeline.stage_configs turns these
-facts into the stage's config wiring, fingerprinted inputs and checked outputs. No stage is
-special-cased by name: what differs between stages is a field here.
+starts from, where it reads and writes, which checks apply before the run and which figures the
+final table shows: avr_megatron.pipeline.stage_configs turns these facts into the stage's config
+wiring, fingerprinted inputs and checked outputs, avr_megatron.pipeline.summaries reads the
+figures. No stage is special-cased by its name or its command (the command is only run): what
+differs between stages is a field here.
 
 Paths are relative to the pipeline's run.dir (R):
   R/synth/<synth_root>/<pass>/   a synthesis pass's output (avr_megatron.synth.store)
@@ -36,8 +38,14 @@ class Stage:
     # Training stages write an HF export under R/models/<name> (checkpoint.export_hf).
     exports_model: bool = False
     # Synthesis and pairs stages: their synthesis output root R/synth/<synth_root>
-    # (synth.output_dir); a synthesis stage writes its pass (command[1]) under it.
+    # (synth.output_dir).
     synth_root: str | None = None
+    # Synthesis stages: the pass they write under synth_root (R/synth/<synth_root>/<pass>),
+    # generating with model_from (synth.policy).
+    writes_pass: str | None = None
+    # The stage-2 search: synth.stage2.start is checked before any stage runs (its source set
+    # needs chosen answers when the search starts from them).
+    starts_stage2: bool = False
     # Synthesis passes under synth_root whose rows this stage reads.
     reads_passes: tuple[str, ...] = ()
     # Synthesis: reads the recipe's prompt file (synth.input.path) too.
@@ -59,45 +67,60 @@ class Stage:
     long_thought: bool = False
     # What the stage writes inside its own run directory (R/stages/<name>/...), checked to exist.
     writes_in_run_dir: tuple[str, ...] = ()
+    # What the final table shows for the stage (avr_megatron.pipeline.summaries): the figures of
+    # its synthesis pass ("synthesis"), datasets ("pairs"), training run ("training"), stored
+    # log-probs ("logps") or evaluation ("eval").
+    summary: str | None = None
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("stage1_trees_base", ("synth", "stage1"), "synth", "stage-1 trees with the base model",
-          sharded=True, model_from="base", synth_root="base", reads_prompts=True),
+          sharded=True, model_from="base", synth_root="base", writes_pass="stage1", reads_prompts=True,
+          summary="synthesis"),
     Stage("stage1_pairs_base", ("pairs", "stage1"), "cpu", "RSFT data from the base-model trees",
           synth_root="base", reads_passes=("stage1",),
-          data_root="base", writes_datasets=("stage1/sft", "stage1/preference")),
+          data_root="base", writes_datasets=("stage1/sft", "stage1/preference"),
+          summary="pairs"),
     Stage("rsft", ("train", "sft"), "train", "refinement SFT (RSFT) from the base model",
-          distributed=True, model_from="base", exports_model=True, train_data="base/stage1/sft"),
+          distributed=True, model_from="base", exports_model=True, train_data="base/stage1/sft",
+          summary="training"),
     Stage("stage1_trees", ("synth", "stage1"), "synth", "on-policy stage-1 trees with the RSFT model",
-          sharded=True, model_from="rsft", synth_root="onpolicy", reads_prompts=True),
+          sharded=True, model_from="rsft", synth_root="onpolicy", writes_pass="stage1", reads_prompts=True,
+          summary="synthesis"),
     Stage("stage1_pairs", ("pairs", "stage1"), "cpu", "response / criticism / improvement pairs",
           synth_root="onpolicy", reads_passes=("stage1",),
-          data_root="onpolicy", writes_datasets=("stage1/sft", "stage1/preference")),
+          data_root="onpolicy", writes_datasets=("stage1/sft", "stage1/preference"),
+          summary="pairs"),
     Stage("stage1_ref_logps", ("logps",), "train", "reference log-probs of the stage-1 pairs (RSFT)",
           distributed=True, model_from="rsft", train_data="onpolicy/stage1/preference",
-          reference_for="stage1_dpo"),
+          reference_for="stage1_dpo", summary="logps"),
     Stage("stage1_dpo", ("train", "dpo"), "train", "stage-1 DPO from RSFT: the stage-1 model",
-          distributed=True, model_from="rsft", exports_model=True, train_data="onpolicy/stage1/preference"),
+          distributed=True, model_from="rsft", exports_model=True, train_data="onpolicy/stage1/preference",
+          summary="training"),
     Stage("stage2_search", ("synth", "stage2"), "synth", "multi-round refinement search with the stage-1 model",
-          sharded=True, model_from="stage1_dpo", synth_root="stage2", reads_prompts=True),
+          sharded=True, model_from="stage1_dpo", synth_root="stage2", writes_pass="stage2", reads_prompts=True,
+          starts_stage2=True, summary="synthesis"),
     Stage("stage2_sft_data", ("pairs", "stage2"), "cpu", "long refinement thoughts as SFT data",
           synth_root="stage2", reads_passes=("stage2",),
-          data_root="thought_sft", writes_datasets=("stage2/sft",)),
+          data_root="thought_sft", writes_datasets=("stage2/sft",), summary="pairs"),
     Stage("thought_sft", ("train", "sft"), "train", "long-thought SFT from the stage-1 model",
-          distributed=True, model_from="stage1_dpo", exports_model=True, train_data="thought_sft/stage2/sft"),
+          distributed=True, model_from="stage1_dpo", exports_model=True, train_data="thought_sft/stage2/sft",
+          summary="training"),
     Stage("stage2_thoughts", ("synth", "thoughts"), "synth", "thoughts sampled from the thought-SFT model, scored",
-          sharded=True, model_from="thought_sft", synth_root="stage2", reads_passes=("stage2",)),
+          sharded=True, model_from="thought_sft", synth_root="stage2", writes_pass="thoughts",
+          reads_passes=("stage2",), summary="synthesis"),
     Stage("stage2_pairs", ("pairs", "stage2"), "cpu", "best-vs-worst thought pairs (length-controlled)",
           synth_root="stage2", reads_passes=("stage2", "thoughts"),
-          data_root="lcdpo", writes_datasets=("stage2/sft", "stage2/preference")),
+          data_root="lcdpo", writes_datasets=("stage2/sft", "stage2/preference"), summary="pairs"),
     Stage("lcdpo_ref_logps", ("logps",), "train", "reference log-probs of the thought pairs (thought SFT)",
           distributed=True, model_from="thought_sft", train_data="lcdpo/stage2/preference",
-          reference_for="lcdpo"),
+          reference_for="lcdpo", summary="logps"),
     Stage("lcdpo", ("train", "dpo"), "train", "length-controlled DPO: the final AvR model",
-          distributed=True, model_from="thought_sft", exports_model=True, train_data="lcdpo/stage2/preference"),
+          distributed=True, model_from="thought_sft", exports_model=True, train_data="lcdpo/stage2/preference",
+          summary="training"),
     Stage("eval", ("eval",), "synth", "final model vs base model, test-time refinement rounds",
-          model_from="lcdpo", baseline_from="base", long_thought=True, writes_in_run_dir=("eval/answers",)),
+          model_from="lcdpo", baseline_from="base", long_thought=True, writes_in_run_dir=("eval/answers",),
+          summary="eval"),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

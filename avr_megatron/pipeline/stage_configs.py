@@ -83,11 +83,11 @@ def _wiring(stage: Stage, cfg: AvrConfig, root: Path) -> _Wiring:
         w.outputs.update({data / d: data / d for d in stage.writes_datasets})
         if held_out:
             w.outputs.update({valid_dir(data / d): valid_dir(data / d) for d in stage.writes_datasets})
-    if stage.command[0] == "synth":
+    if stage.writes_pass:
         # Provenance names the pipeline model ("base", "rsft", ...), not a run-specific path.
         synth["policy"] = {"model": str(model), "name": f"{cfg.run.name}:{stage.model_from}"}
         w.inputs.append(model)
-        w.outputs[synth_out / stage.command[1] / "data"] = synth_out / stage.command[1]
+        w.outputs[synth_out / stage.writes_pass / "data"] = synth_out / stage.writes_pass
         if stage.reads_prompts and cfg.synth.input.path:
             w.inputs.append(Path(cfg.synth.input.path))
     if synth:
@@ -150,7 +150,7 @@ def plan_stages(cfg: AvrConfig, stages: list[Stage] | None = None) -> list[Stage
         if stage_cfg.synth.pairs.valid_fraction != cfg.synth.pairs.valid_fraction:
             raise ConfigError(f"pipeline.stages.{stage.name} sets synth.pairs.valid_fraction: set it in the "
                               "recipe, for every stage (the training stages read the held-out splits it makes)")
-        if stage.command == ("synth", "stage2"):
+        if stage.starts_stage2:
             try:
                 check_stage2_start(stage_cfg)
             except ConfigError as e:

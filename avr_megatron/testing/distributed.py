@@ -72,3 +72,23 @@ def run_distributed(fn: Callable, nproc: int = 2, timeout: float = 600, env: dic
         return results
 
 
+
+
+def save_initial_weights(overrides: list[str], path: str | Path) -> str:
+    """On every rank of a `run_distributed` function: set up the process groups of the config that
+    `overrides` give, wait for all ranks (rank 0 may have written the tokenizer and data first),
+    seed, build the model and save its initial weights at `path` (iteration 0), so that runs under
+    other layouts start from the same weights. Returns the override that loads them."""
+    import torch.distributed as dist
+
+    from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
+    from avr_megatron.config import load_config
+    from avr_megatron.models.llama import build_model
+    from avr_megatron.runtime.distributed import initialize, seed_everything
+
+    cfg = load_config(None, overrides)
+    initialize(cfg)
+    dist.barrier()
+    seed_everything(cfg.run.seed)
+    save_checkpoint(Path(path), 0, build_model(cfg), cfg)
+    return f"model.init_from.mcore={path}"

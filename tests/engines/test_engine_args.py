@@ -92,9 +92,11 @@ def test_engine_keywords(monkeypatch):
     cfg.engine_args = {"max_num_seq": 1}
     with pytest.raises(ConfigError, match="did you mean max_num_seqs"):
         ea.vllm_kwargs(cfg, 7, "synth.policy")
-    # CPU builds: no chunked prefill unless asked for.
-    assert ea.with_platform_defaults({"seed": 1}, cpu=True) == {"seed": 1, "enable_chunked_prefill": False}
-    assert ea.with_platform_defaults({"enable_chunked_prefill": True}, cpu=True) == {"enable_chunked_prefill": True}
+    # CPU builds: no chunked prefill and 32-token KV blocks unless asked for.
+    assert ea.with_platform_defaults({"seed": 1}, cpu=True) == {"seed": 1, "enable_chunked_prefill": False,
+                                                                 "block_size": 32}
+    assert ea.with_platform_defaults({"enable_chunked_prefill": True, "block_size": 128}, cpu=True) == \
+        {"enable_chunked_prefill": True, "block_size": 128}
     assert ea.with_platform_defaults({"seed": 1}, cpu=False) == {"seed": 1}
 
 

@@ -128,3 +128,46 @@ def test_neutral_sampling_and_texts_decoded_from_token_ids(stub, tmp_path):
     local = ServerChatEngine(stub, "m", tokenizer=str(tok_dir))
     assert local.generate([request]) == [[tok.decode(ids[0], skip_special_tokens=True), "fine"]]
     assert _Stub.calls[-1][1]["return_token_ids"] is True and local.stats["server_texts"] == 0
+
+
+def test_the_same_token_ids_give_the_same_text_through_server_and_vllm_engines(stub, tmp_path):
+    """One decode rule (avr_megatron.engines.text) for every backend: the server client decoding
+    the ids a server returned and the offline/async vLLM engines decoding vLLM's outputs give the
+    same texts for the same ids: stop ids of the tokenizer AND of the generation config dropped,
+    special tokens skipped, an incomplete UTF-8 sequence at the end written as U+FFFD."""
+    from types import SimpleNamespace
+
+    from avr_megatron.engines.vllm_async import AsyncVllmChatEngine
+    from avr_megatron.engines.vllm_offline import VllmChatEngine
+    from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    tok_dir = train_tiny_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    eos = tok.eos_token_id
+    stop = tok.encode(".", add_special_tokens=False)[0]  # a second stop id, named only by the generation config
+    (tok_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, stop]}))
+    cut = tok.encode("caf\u00e9 \u2615", add_special_tokens=False)[:-1]  # ends mid-character
+    ids = [tok.encode("well said", add_special_tokens=False) + [eos],
+           tok.encode("fine", add_special_tokens=False) + [stop],
+           [tok.bos_token_id] + cut]
+    expected = [tok.decode(tok.encode("well said", add_special_tokens=False)), "fine",
+                tok.decode(cut)]
+    assert expected[2].endswith("\ufffd")
+    request = GenerateRequest("p/g", [{"role": "user", "content": "q"}], 3,
+                              SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=3))
+
+    _Stub.token_ids = ids
+    server = ServerChatEngine(stub, "m", tokenizer=str(tok_dir))
+    assert server.generate([request]) == [expected]
+
+    # The offline engine on what vllm.LLM returns for the same samples (a RequestOutput's
+    # completions, in any order); vLLM reads the stop ids from the same generation_config.json.
+    offline = VllmChatEngine.__new__(VllmChatEngine)
+    vllm_config = SimpleNamespace(max_model_len=64, try_get_generation_config=lambda: {"eos_token_id": [eos, stop]})
+    offline._setup(tok, vllm_config)
+    output = SimpleNamespace(outputs=[SimpleNamespace(index=j, token_ids=ids[j]) for j in (2, 0, 1)])
+    assert offline._decode(offline._token_ids(request, output)) == expected
+    # The async engine decodes through the offline engine's methods (subclass, nothing overridden).
+    assert AsyncVllmChatEngine._decode is VllmChatEngine._decode
+    assert AsyncVllmChatEngine._token_ids is VllmChatEngine._token_ids

@@ -93,6 +93,7 @@ def test_async_engine_recipe_args_and_barrier_free_synthesis(tmp_path, models):
         sched = chat.engine.vllm_config.scheduler_config
         assert sched.max_num_seqs == 24 and not sched.enable_chunked_prefill
         assert chat.engine.vllm_config.cache_config.enable_prefix_caching
+        assert chat.engine.vllm_config.cache_config.block_size == 32  # our CPU default (engine_args)
         got_big = chat.generate(big)
         futures = [chat.submit(r) for r in reversed(_requests(6, 5, 24))]
         got_small = [f.result() for f in futures][::-1]

@@ -144,8 +144,9 @@ def test_manifest_skip_logic(tmp_path):
 
 
 def test_stage_facts_live_in_the_records_not_in_names(tmp_path, monkeypatch):
-    """Every stage renamed: the planned configs, inputs, outputs and owned directories are the
-    same up to the names, so no module special-cases a stage by its name."""
+    """Every stage renamed and its command made opaque: the planned configs, inputs, outputs and
+    owned directories are the same up to the names, and the stage-2 start check still applies,
+    so no module special-cases a stage by its name or its command."""
     from dataclasses import replace
 
     from avr_megatron.pipeline import graph, stage_configs
@@ -156,7 +157,8 @@ def test_stage_facts_live_in_the_records_not_in_names(tmp_path, monkeypatch):
     new = {n: f"renamed-{n}" for n in STAGE_NAMES}
 
     def renamed(s):
-        return replace(s, name=new[s.name], model_from=new.get(s.model_from, s.model_from),
+        return replace(s, name=new[s.name], command=("cmd", new[s.name]),
+                       model_from=new.get(s.model_from, s.model_from),
                        reference_for=new.get(s.reference_for, s.reference_for),
                        baseline_from=new.get(s.baseline_from, s.baseline_from))
 
@@ -177,6 +179,58 @@ def test_stage_facts_live_in_the_records_not_in_names(tmp_path, monkeypatch):
     assert [text(p) for p in after] == [text(p) for p in before]
     assert after[6].cfg.loss.beta == after[5].cfg.loss.beta == 0.3  # the DPO stage and its log-probs
     assert after[6].cfg.loss.reference == "precomputed" and after[-1].cfg.eval.long_thought
+    cfg.synth.input.fields.chosen, cfg.synth.pairs.mix_source_chosen = None, False
+    with pytest.raises(ConfigError, match="stage renamed-stage2_search .*synth.stage2.start=chosen"):
+        plan_stages(cfg)
+
+
+def test_each_stage_summary_reads_what_its_command_wrote(tmp_path):
+    """The final table's figures, read by the stage record's `summary` from where each command
+    (taken from the record's command line here) writes them."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from avr_megatron.pipeline.summaries import READERS, stage_summary
+    from avr_megatron.synth.driver import pass_dir
+    from avr_megatron.synth.pairs import data_root
+
+    def write(path, obj):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
+
+    expected = {
+        "synth": ({"prompts": 3, "trees": 6, "mean_gain_round1": 0.25},
+                  {"summary": {"prompts": 3, "trees": 6, "gain_sum": {"1": 0.5}, "gain_count": {"1": 2}}}),
+        "pairs": ({"sft_rows": 4}, {"outputs": {"sft": {"rows": 4}}}),
+        "train": ({"iterations": 6, "loss": 0.1235}, {"iteration": 6, "last": {"loss": 0.123456}}),
+        "logps": ({"pairs": 2}, None),
+        "eval": ({"rounds": 1, "reward_r0": 0.1, "reward_r1": 0.3, "win_rate": 0.6, "malformed": 0},
+                 {"table": [{"round": 0, "mean_reward": {"mean": 0.1}},
+                            {"round": 1, "mean_reward": {"mean": 0.3}, "win_rate": {"rate": 0.6}, "malformed": 0}]}),
+    }
+    plans = plan_stages(load_config(TINY, [f"run.dir={tmp_path}"]))
+    for p in plans:
+        command, c = p.stage.command, p.cfg
+        content = expected[command[0]][1]
+        if command[0] == "synth":
+            write(pass_dir(c, command[1]) / "summary.json", content)
+        elif command[0] == "pairs":
+            write(data_root(c) / command[1] / "summary.json", content)
+        elif command[0] == "train":
+            write(Path(c.run.dir) / "train_summary.json", content)
+        elif command[0] == "logps":
+            store = Path(c.data.train + ".ref_logps")
+            store.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({"id": ["a", "b"]}), store / "logps.parquet")
+        else:
+            write(Path(c.run.dir) / "eval" / "results.json", content)
+    for p in plans:
+        assert p.stage.summary in READERS, p.stage.name
+        assert stage_summary(p) == expected[p.stage.command[0]][0], p.stage.name
+    # A synthesis stage's pass is the one its command writes.
+    assert all(p.stage.command == ("synth", p.stage.writes_pass) for p in plans if p.stage.writes_pass)
 
 
 def test_held_out_splits_become_the_training_stages_validation_data(tmp_path):

@@ -112,12 +112,9 @@ def test_validation_matches_training_metrics_and_is_logged(tmp_path):
 def _interleaved_case(tmp):
     from pathlib import Path
 
-    import torch.distributed as dist
-
-    from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
     from avr_megatron.config import load_config
-    from avr_megatron.models.llama import build_model
-    from avr_megatron.runtime.distributed import initialize, is_rank0, seed_everything
+    from avr_megatron.runtime.distributed import is_rank0
+    from avr_megatron.testing.distributed import save_initial_weights
     from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
     from avr_megatron.testing.toy_data import sft_records, write_jsonl
     from avr_megatron.training.runs import run_sft
@@ -132,12 +129,7 @@ def _interleaved_case(tmp):
         train_tiny_tokenizer(tmp / "tok")
         write_jsonl(sft_records(8, seed=4), tmp / "sft.jsonl")
         write_jsonl(sft_records(3, seed=5), tmp / "valid.jsonl")
-    cfg0 = load_config(None, base)
-    initialize(cfg0)
-    dist.barrier()
-    seed_everything(cfg0.run.seed)
-    save_checkpoint(tmp / "init", 0, build_model(cfg0), cfg0)
-    base += [f"model.init_from.mcore={tmp / 'init'}"]
+    base += [save_initial_weights(base, tmp / "init")]
     out = {}
     # PP=1 (DP=2), then PP=2 x VPP=2 (DP=1): 3 validation bins in calls of 2 microbatches,
     # the last call of 1 (fewer than PP: padded for Megatron's interleaved schedule).

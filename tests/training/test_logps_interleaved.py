@@ -18,12 +18,10 @@ def _logps_case(tmp):
     from pathlib import Path
 
     import pyarrow.parquet as pq
-    import torch.distributed as dist
 
-    from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
     from avr_megatron.config import load_config
-    from avr_megatron.models.llama import build_model
-    from avr_megatron.runtime.distributed import initialize, is_rank0, seed_everything
+    from avr_megatron.runtime.distributed import is_rank0
+    from avr_megatron.testing.distributed import save_initial_weights
     from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
     from avr_megatron.testing.toy_data import preference_records, write_jsonl
     from avr_megatron.training.runs import run_logps
@@ -36,12 +34,7 @@ def _logps_case(tmp):
     if is_rank0():
         train_tiny_tokenizer(tmp / "tok")
         write_jsonl(preference_records(5, seed=7), tmp / "pairs.jsonl")
-    cfg0 = load_config(None, base)
-    initialize(cfg0)
-    dist.barrier()
-    seed_everything(cfg0.run.seed)
-    save_checkpoint(tmp / "init", 0, build_model(cfg0), cfg0)
-    init = [f"model.init_from.mcore={tmp / 'init'}"]
+    init = [save_initial_weights(base, tmp / "init")]
     # PP=1 (DP=2), then PP=2 x VPP=2 (DP=1): 5 pairs, 2 per round -> rounds of 2, 2 and 1.
     run_logps(load_config(None, base + init + [f"logps.path={tmp / 'pp1'}"]), progress=False)
     run_logps(load_config(None, base + init + [

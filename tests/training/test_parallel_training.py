@@ -90,10 +90,9 @@ def _curves(tmp):
     import json
     from pathlib import Path
 
-    from avr_megatron.checkpoint.dist_ckpt import save_checkpoint
     from avr_megatron.config import load_config
-    from avr_megatron.models.llama import build_model
-    from avr_megatron.runtime.distributed import initialize, is_rank0, seed_everything
+    from avr_megatron.runtime.distributed import is_rank0
+    from avr_megatron.testing.distributed import save_initial_weights
     from avr_megatron.testing.tiny_hf import train_tiny_tokenizer
     from avr_megatron.testing.toy_data import preference_records, sft_records, write_jsonl
     from avr_megatron.training.runs import run_dpo, run_logps, run_sft
@@ -103,16 +102,9 @@ def _curves(tmp):
         train_tiny_tokenizer(tmp / "tok")
         write_jsonl(preference_records(40, seed=5), tmp / "pairs.jsonl")
         write_jsonl(sft_records(40, seed=6), tmp / "sft.jsonl")
-    import torch.distributed as dist
-
     data_kw = [f"data.tokenizer={tmp / 'tok'}"]
-    base = BASE + data_kw + [f"model.init_from.mcore={tmp / 'init'}"]
     # Initial weights: one checkpoint saved at TP=1, resharded by every layout that loads it.
-    cfg0 = load_config(None, BASE + data_kw)
-    initialize(cfg0)
-    dist.barrier()
-    seed_everything(cfg0.run.seed)
-    save_checkpoint(tmp / "init", 0, build_model(cfg0), cfg0)
+    base = BASE + data_kw + [save_initial_weights(BASE + data_kw, tmp / "init")]
 
     step = _step_parity(BASE + data_kw + [f"data.train={tmp / 'pairs.jsonl'}"])
 
