@@ -198,7 +198,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
 
     from avr_megatron.config import load_config
-    from avr_megatron.engines.engine_args import on_cpu
+    from avr_megatron.engines.engine_args import on_cpu, with_platform_defaults
     from avr_megatron.engines.server import ServerChatEngine, ServerRewardEngine
     from avr_megatron.engines.vllm_async import AsyncVllmRewardEngine
     from avr_megatron.engines.vllm_offline import VllmChatEngine, VllmRewardEngine
@@ -341,6 +341,8 @@ def main() -> None:
         "vllm": _vllm_version(), "cpu_build": on_cpu(),
         "prompts": len(records), "k": args.k, "m": args.m, "max_tokens": args.max_tokens,
         "model": {"hidden_size": args.hidden, "layers": args.layers, **ENGINE},
+        # What every engine (offline, async, `avr synth serve`) adds on this platform (engine_args).
+        "platform_engine_defaults": with_platform_defaults({}),
         "modes": results,
         "frontier_vs_sequential": ratio("frontier", "sequential"),
         "frontier_vs_reference_server": ratio("frontier", "reference_server"),
