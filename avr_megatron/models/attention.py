@@ -159,14 +159,14 @@ class PackedSDPAttention(DotProductAttention):
             # 4-d pieces [1, heads, len, dim]: torch's CPU flash kernel takes 4-d inputs only
             # (3-d ones fall back to the unfused math path)
             pieces = [t[r:r + 1].split(lengths, dim=2) for t in (q, k, v)]
-            parts, prev = [], None
+            parts = []
             for j, (i, qs, ks, vs) in enumerate(zip(index, *pieces)):
                 n = shared[i] if shared else 0
                 if n == 0:
                     out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout,
                                                          is_causal=True, **kw)
                 else:
-                    if prev is None or n > lengths[j - 1]:
+                    if j == 0 or n > lengths[j - 1]:
                         raise ValueError(f"a sequence shares {n} tokens with the previous one "
                                          "in its bin, which is shorter or absent")
                     ks = torch.cat([pieces[1][j - 1][:, :, :n], ks], dim=2)
@@ -177,7 +177,6 @@ class PackedSDPAttention(DotProductAttention):
                     out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed,
                                                          dropout_p=dropout, **kw)
                 parts.append(out.permute(2, 0, 1, 3))  # [len, 1, heads, dim]
-                prev = j
             rows.append(parts[0] if len(parts) == 1 else torch.cat(parts))
         out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
         return out.reshape(s, b, heads * dim)

@@ -72,8 +72,6 @@ def run_distributed(fn: Callable, nproc: int = 2, timeout: float = 600, env: dic
         return results
 
 
-
-
 def save_initial_weights(overrides: list[str], path: str | Path) -> str:
     """On every rank of a `run_distributed` function: set up the process groups of the config that
     `overrides` give, wait for all ranks (rank 0 may have written the tokenizer and data first),
